@@ -1,0 +1,143 @@
+"""Classic optimisation test functions, each with its known global minima.
+
+Every function maps a 1-D tensor ``x`` of shape ``(dim,)`` to a scalar and is written from plain tensor ops,
+so it works under ``torch.func.jvp``/``vmap`` and backprop alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["TestFunction", "Beale", "Rosenbrock", "Sphere", "StyblinskiTang"]
+
+
+@dataclass
+class TestFunction:
+    """A test function: callable on ``x`` (shape ``(dim,)``), with its dimension, minima and a start point."""
+
+    dim: int = 2
+    start: Optional[List[float]] = None
+    #: Plot window for 2-D contour plots: ((xmin, xmax), (ymin, ymax)).
+    bounds: Tuple[Tuple[float, float], Tuple[float, float]] = field(default=((-2.0, 2.0), (-2.0, 2.0)))
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}.")
+        if self.start is not None and len(self.start) != self.dim:
+            raise ValueError(
+                f"start has {len(self.start)} coordinates but dim={self.dim}; give one value per dimension "
+                "or leave start unset for the function's default."
+            )
+
+    def __call__(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def minima(self) -> List[List[float]]:
+        """The global minimisers (one or more points)."""
+        raise NotImplementedError
+
+    @property
+    def min_value(self) -> float:
+        return float(self(torch.tensor(self.minima[0], dtype=torch.float64)))
+
+    def default_start(self) -> List[float]:
+        raise NotImplementedError
+
+    def start_point(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        return torch.tensor(self.start if self.start is not None else self.default_start(), dtype=dtype)
+
+    def distance_to_minimum(self, x: Tensor) -> float:
+        """Euclidean distance from ``x`` to the nearest global minimiser."""
+        x = x.detach().to(torch.float64)
+        return min(float(torch.linalg.vector_norm(x - torch.tensor(m, dtype=torch.float64)))
+                   for m in self.minima)
+
+
+@dataclass
+class Beale(TestFunction):
+    """Beale (2-D): (1.5 - x + xy)^2 + (2.25 - x + xy^2)^2 + (2.625 - x + xy^3)^2; minimum 0 at (3, 0.5)."""
+
+    bounds: Tuple[Tuple[float, float], Tuple[float, float]] = ((-4.5, 4.5), (-4.5, 4.5))
+
+    def __post_init__(self) -> None:
+        if self.dim != 2:
+            raise ValueError(f"Beale is 2-dimensional; got dim={self.dim}.")
+        super().__post_init__()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        a, b = x[0], x[1]
+        return (1.5 - a + a * b) ** 2 + (2.25 - a + a * b**2) ** 2 + (2.625 - a + a * b**3) ** 2
+
+    @property
+    def minima(self) -> List[List[float]]:
+        return [[3.0, 0.5]]
+
+    def default_start(self) -> List[float]:
+        return [1.0, 1.5]
+
+
+@dataclass
+class Rosenbrock(TestFunction):
+    """Rosenbrock: sum_i 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2; minimum 0 at (1, ..., 1)."""
+
+    bounds: Tuple[Tuple[float, float], Tuple[float, float]] = ((-2.0, 2.0), (-1.0, 3.0))
+
+    def __post_init__(self) -> None:
+        if self.dim < 2:
+            raise ValueError(f"Rosenbrock needs dim >= 2; got dim={self.dim}.")
+        super().__post_init__()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2).sum()
+
+    @property
+    def minima(self) -> List[List[float]]:
+        return [[1.0] * self.dim]
+
+    def default_start(self) -> List[float]:
+        return [-1.5 if i % 2 == 0 else 2.0 for i in range(self.dim)]
+
+
+@dataclass
+class Sphere(TestFunction):
+    """Sphere: sum_i x_i^2; minimum 0 at the origin."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x**2).sum()
+
+    @property
+    def minima(self) -> List[List[float]]:
+        return [[0.0] * self.dim]
+
+    def default_start(self) -> List[float]:
+        return [1.5] * self.dim
+
+
+#: argmin of the 1-D Styblinski-Tang term t^4 - 16 t^2 + 5 t (root of 4t^3 - 32t + 5 = 0 near -2.9).
+_ST_ARGMIN = -2.903534027771178
+
+
+@dataclass
+class StyblinskiTang(TestFunction):
+    """Styblinski-Tang: 0.5 sum_i (x_i^4 - 16 x_i^2 + 5 x_i); minimum ~ -39.166 dim at x_i = -2.9035."""
+
+    bounds: Tuple[Tuple[float, float], Tuple[float, float]] = ((-5.0, 5.0), (-5.0, 5.0))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return 0.5 * (x**4 - 16.0 * x**2 + 5.0 * x).sum()
+
+    @property
+    def minima(self) -> List[List[float]]:
+        return [[_ST_ARGMIN] * self.dim]
+
+    def default_start(self) -> List[float]:
+        # Inside the global minimum's basin in every coordinate (the local one sits near +2.75).
+        return [-0.5] * self.dim
+

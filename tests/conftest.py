@@ -1,0 +1,31 @@
+"""Shared fixtures: the real-data location and a deterministic default dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The official MNIST test set shipped beside the project (never committed into it).
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    """Folder holding ``MNIST/raw/t10k-*``; the test is skipped with a reason when it is absent."""
+    raw = SHARED_MNIST / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if missing:
+        pytest.skip(f"real MNIST test set not found in {raw} (missing {', '.join(missing)}); "
+                    "these checks need ../shared/data/mnist beside the project")
+    return SHARED_MNIST
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    # Keep results independent of whatever a previous test set.
+    torch.manual_seed(0)
+    yield
