@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The official MNIST test set shipped beside the project (never committed into it).
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+#: The official MNIST test set shipped beside the project (never committed into it); FWDGRAD_SHARED overrides
+#: the location of ``shared/`` (e.g. when working in a git worktree elsewhere).
+SHARED = Path(os.environ.get("FWDGRAD_SHARED", ROOT.parent / "shared"))
+SHARED_MNIST = SHARED / "data" / "mnist"
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
