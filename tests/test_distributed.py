@@ -1,0 +1,105 @@
+"""Data-parallel estimation on torch.distributed (gloo, 2 local processes).
+
+The checks: a 2-process run, each rank on half of every batch, ends with the same parameters as a 1-process
+run on the full batches (forward gradient: k scalars all-reduced; backprop: n floats), and a worker that dies
+makes the other stop with WorkerLostError instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
+from fwdgrad.distributed import DataParallelEstimator, WorkerLostError, launch_workers
+from fwdgrad.functional import cross_entropy
+
+STEPS, BATCH = 5, 24
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    # Batch sizes 24, 24, ..., 23 so the last split is uneven (12 / 11): the weights n_r / N matter.
+    xs = [torch.randn(BATCH - (i == STEPS - 1), 6, generator=g) for i in range(STEPS)]
+    ys = [torch.randint(0, 3, (x.shape[0],), generator=g) for x in xs]
+    return model, xs, ys
+
+
+def _make_estimator(kind: str):
+    return {"fg": lambda: ForwardGradient(num_tangents=4, seed=3),
+            "fg_proj": lambda: ForwardGradient(num_tangents=3, aggregation="projection", seed=3),
+            "bp": Backprop}[kind]()
+
+
+def _train(kind: str) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    """Run STEPS SGD steps through a DataParallelEstimator (world size from the process group, or 1)."""
+    model, xs, ys = _problem()
+    est = DataParallelEstimator(_make_estimator(kind))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    traffic, losses = [], []
+    for x, y in zip(xs, ys):
+        x, y = est.shard(x, y)
+        opt.zero_grad()
+        loss = estimate_module_grads(est, model, lambda out, y=y: cross_entropy(out, y), x)
+        opt.step()
+        traffic.append(est.stats.bytes_allreduced)
+        losses.append(float(loss))
+    return [p.detach().clone() for p in model.parameters()], traffic, losses
+
+
+def _worker(rank: int, world_size: int, kind: str, out_dir: str) -> None:
+    params, traffic, losses = _train(kind)
+    torch.save({"params": params, "traffic": traffic, "losses": losses}, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("kind", ["fg", "fg_proj", "bp"])
+def test_two_processes_match_one_process(kind, tmp_path):
+    ref_params, _, ref_losses = _train(kind)
+    launch_workers(_worker, 2, args=(kind, str(tmp_path)), timeout_s=30)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for a, b, ref in zip(r0["params"], r1["params"], ref_params):
+        assert torch.equal(a, b)  # ranks rebuild the identical update
+        torch.testing.assert_close(a, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(ref_losses), atol=1e-5, rtol=1e-5)
+    n = sum(p.numel() for p in ref_params)
+    k = {"fg": 4, "fg_proj": 3, "bp": None}[kind]
+    # Forward gradient: k directional derivatives + the loss, float64. Backprop: n gradient entries + loss, float32.
+    expected = (k + 1) * 8 if k else (n + 1) * 4
+    assert r0["traffic"] == [expected] * STEPS
+
+
+def _dying_worker(rank: int, world_size: int, out_dir: str, mode: str) -> None:
+    model, xs, ys = _problem()
+    est = DataParallelEstimator(ForwardGradient(seed=0))
+    if rank == 1:
+        if mode == "exit":
+            os._exit(0)  # vanish without a word (exit code 0 so the launcher does not kill rank 0 itself)
+        time.sleep(8)  # "hang": never join the collective
+        return
+    t0 = time.monotonic()
+    try:
+        x, y = est.shard(xs[0], ys[0])
+        estimate_module_grads(est, model, lambda out: cross_entropy(out, y), x)
+        result = {"error": None}
+    except WorkerLostError as exc:
+        result = {"error": str(exc)}
+    result["seconds"] = time.monotonic() - t0
+    (Path(out_dir) / "rank0.json").write_text(json.dumps(result))
+
+
+@pytest.mark.parametrize("mode", ["exit", "hang"])
+def test_lost_worker_stops_the_others_with_a_clear_error(mode, tmp_path):
+    launch_workers(_dying_worker, 2, args=(str(tmp_path), mode), timeout_s=3)
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] is not None and "Another worker probably died" in result["error"]
+    assert result["seconds"] < 30
