@@ -278,9 +278,9 @@ class Recorder:
             for ax, i in zip(axes.flat, wrong.tolist()):
                 img = (splits.test_x[i].cpu() * std + mean).clamp(0, 1)  # undo the normalisation
                 if img.shape[0] == 1:
-                    ax.imshow(img[0], cmap="gray")
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
                 else:
-                    ax.imshow(img.permute(1, 2, 0))
+                    ax.imshow(img.permute(1, 2, 0).numpy())
                 ax.set_title(f"{names[int(pred[i])]} / {names[int(splits.test_y[i])]}", fontsize=8)
         fig.savefig(self.output_dir / "plots.png.tmp.png", dpi=90)
         plt.close(fig)
@@ -442,8 +442,8 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
                     log.error(
                         "the training loss became %s within steps %d-%d (epoch %d, lr %.3g); stopping. Lower "
                         "optimization.learning_rate or set optimization.clip_grad_norm. The files written so far "
-                        "are kept; model.pt, if present, is the checkpoint of the last finished epoch.",
-                        mean_loss, first_step, step, epoch + 1, lr_now,
+                        "in %s are kept; model.pt, if present, is the checkpoint of the last finished epoch.",
+                        mean_loss, first_step, step, epoch + 1, lr_now, output_dir,
                     )
                     break
                 if threshold is not None and mean_loss < threshold:
@@ -511,23 +511,19 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
 def main(cfg: DictConfig) -> Dict[str, Any]:
     """What the entry scripts call: :func:`train`, with user errors turned into one short message.
 
-    A dataset, model or config error exits non-zero with its message and no traceback; so does a run stopped by
-    a non-finite loss (after all its files are written), except inside a ``-m`` multirun, where it is logged
-    and the sweep goes on to its next job.
+    A dataset, model or config error is logged as one ``ERROR`` line (console and ``<job>.log``) and exits with
+    status 1, without a traceback; so does a run stopped by a non-finite loss (after all its files are written),
+    except inside a ``-m`` multirun, where the sweep goes on to its next job.
     """
     try:
         metrics = train(cfg)
     except (DatasetError, ModelConfigError, ConfigError) as e:
         log.error("%s", e)
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(1) from None
     if metrics["stopped"] == "non_finite_loss":
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        message = (
-            "error: training stopped on a non-finite loss; see metrics.json and the log in "
-            f"{HydraConfig.get().runtime.output_dir}"
-        )
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise SystemExit(message)
+            raise SystemExit(1)
     return metrics
