@@ -1,2 +1,22 @@
-"""Placeholder: filled by its issue."""
-raise SystemExit("mnist_backprop.py is not implemented yet")
+"""Train a classifier on MNIST-like data with the gradient estimator chosen by this script's config.
+
+    python mnist_fwdgrad.py  [overrides]    forward gradients (configs/mnist_fwdgrad.yaml)
+    python mnist_backprop.py [overrides]    backprop          (configs/mnist_backprop.yaml)
+
+e.g. model=conv dataset=fashion_mnist optimization=adam gradient.num_tangents=16. All the work is in
+fwdgrad.train; the two scripts differ only in config_name.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from fwdgrad.train import main as run
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="mnist_backprop")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""In-memory datasets: splits, normalisation, batching by index, IDX decoding, offline and broken-file errors."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+
+from fwdgrad import data
+from fwdgrad.data import CorruptDatasetError, DatasetNotFoundError, iterate_batches, read_idx
+
+
+def _write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> Path:
+    """Write ``arr`` (uint8) in the IDX format: 0, 0, type 0x08, ndim, big-endian int32 sizes, data."""
+    payload = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    payload += arr.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def _fake_mnist(root: Path, n: int = 50, parts=("t10k",), compress: bool = True) -> None:
+    """A tiny MNIST-format folder: image i is filled with the value i, its label is i % 10."""
+    for part in parts:
+        images = np.stack([np.full((28, 28), i % 256) for i in range(n)])
+        _write_idx(root / "MNIST" / "raw" / f"{part}-images-idx3-ubyte", images, compress)
+        _write_idx(root / "MNIST" / "raw" / f"{part}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trip(tmp_path: Path, compress: bool):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = _write_idx(tmp_path / "x-idx3-ubyte", arr, compress)
+    out = read_idx(path)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 4)
+    assert torch.equal(out, torch.from_numpy(arr))
+
+
+@pytest.mark.parametrize("damage", ["truncated_gzip", "bad_header", "wrong_size"])
+def test_broken_file_is_named(tmp_path: Path, damage: str):
+    _fake_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    victim = raw / "t10k-images-idx3-ubyte.gz"
+    if damage == "truncated_gzip":
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "bad_header":
+        with gzip.open(victim, "wb") as f:
+            f.write(b"not an idx file at all")
+    else:
+        with gzip.open(victim, "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + (50).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 10)
+    with pytest.raises(CorruptDatasetError) as err:
+        data.mnist(root=str(tmp_path), download=False, test_set_split=10)
+    assert str(victim) in str(err.value)
+
+
+def test_mismatched_images_and_labels(tmp_path: Path):
+    _fake_mnist(tmp_path)
+    _write_idx(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.arange(7) % 10)
+    with pytest.raises(CorruptDatasetError, match="do not match"):
+        data.mnist(root=str(tmp_path), download=False, test_set_split=10)
+
+
+def test_test_set_split_uses_only_t10k(tmp_path: Path):
+    _fake_mnist(tmp_path, n=50, parts=("t10k",))
+    s = data.mnist(root=str(tmp_path), download=False, test_set_split=10, split_seed=3)
+    assert s.train_x.shape == (40, 1, 28, 28) and s.test_x.shape == (10, 1, 28, 28)
+    assert s.input_shape == (1, 28, 28) and s.num_classes == 10 and s.is_image
+    # Undo the normalisation to recover which source image went where: the split is a partition of all 50.
+    ids = lambda x: torch.round((x[:, 0, 0, 0] * s.std[0] + s.mean[0]) * 255).long()  # noqa: E731
+    train_ids, test_ids = ids(s.train_x), ids(s.test_x)
+    assert sorted(torch.cat([train_ids, test_ids]).tolist()) == list(range(50))
+    assert torch.equal(s.train_y, train_ids % 10) and torch.equal(s.test_y, test_ids % 10)
+    # The split is fixed by split_seed, not by chance.
+    again = data.mnist(root=str(tmp_path), download=False, test_set_split=10, split_seed=3)
+    other = data.mnist(root=str(tmp_path), download=False, test_set_split=10, split_seed=4)
+    assert torch.equal(again.test_x, s.test_x) and not torch.equal(other.test_x, s.test_x)
+
+
+def test_official_split_reads_plain_files(tmp_path: Path):
+    _fake_mnist(tmp_path, n=30, parts=("train", "t10k"), compress=False)
+    s = data.mnist(root=str(tmp_path), download=False, limit_train=20, limit_test=5)
+    assert s.train_x.shape[0] == 20 and s.test_x.shape[0] == 5
+
+
+def test_missing_files_offline_message(tmp_path: Path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        data.mnist(root=str(tmp_path), download=False)
+    msg = str(err.value)
+    assert str(tmp_path / "MNIST" / "raw") in msg
+    assert "t10k-images-idx3-ubyte" in msg and "train-labels-idx1-ubyte" in msg
+    assert "dataset=digits" in msg and "dataset=penguins" in msg and "test_set_split" in msg
+    assert "\n" not in msg  # one paragraph
+
+
+def test_failed_download_message(tmp_path: Path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz", URLError("no network"))
+
+    monkeypatch.setattr(FashionMNIST, "download", offline)
+    with pytest.raises(DatasetNotFoundError, match="downloading them failed") as err:
+        data.fashion_mnist(root=str(tmp_path), download=True)
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(err.value)
+
+
+def test_cifar10_missing_offline(tmp_path: Path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        data.cifar10(root=str(tmp_path), download=False)
+    assert str(tmp_path / "cifar-10-batches-py") in str(err.value) and "data_batch_1" in str(err.value)
+
+
+def test_relative_root_is_taken_from_the_project():
+    assert data._resolve_root("data") == data.PROJECT_ROOT / "data"
+    assert data._resolve_root("/abs/path") == Path("/abs/path")
+
+
+def test_digits_split_and_normalisation():
+    s = data.digits()
+    assert s.train_x.shape == (1438, 1, 8, 8) and s.test_x.shape == (359, 1, 8, 8)
+    assert s.num_classes == 10 and s.input_shape == (1, 8, 8)
+    # Standardised with the training split's statistics: mean 0, std 1 there, not exactly on the test split.
+    assert abs(float(s.train_x.mean())) < 1e-5 and abs(float(s.train_x.std()) - 1) < 1e-3
+    assert set(s.train_y.unique().tolist()) == set(range(10))
+    assert torch.equal(data.digits().test_y, s.test_y)  # deterministic split
+
+
+def test_penguins():
+    s = data.penguins()
+    assert s.train_x.shape[0] + s.test_x.shape[0] == 342  # 344 rows, 2 with missing measurements dropped
+    assert s.input_shape == (4,) and not s.is_image
+    assert s.num_classes == 3 and s.class_names == ("Adelie", "Chinstrap", "Gentoo")
+    assert torch.isfinite(s.train_x).all() and torch.isfinite(s.test_x).all()
+    assert torch.allclose(s.train_x.mean(0), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(s.train_x.std(0), torch.ones(4), atol=1e-4)
+
+
+def test_iterate_batches_is_a_seeded_permutation():
+    x = torch.arange(10).float().unsqueeze(1)
+    y = torch.arange(10)
+    batches = list(iterate_batches(x, y, 4, torch.Generator().manual_seed(0)))
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]  # the last batch is kept, smaller
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    assert all(torch.equal(bx[:, 0].long(), by) for bx, by in batches)  # x and y stay paired
+    again = torch.cat([b[1] for b in iterate_batches(x, y, 4, torch.Generator().manual_seed(0))])
+    assert torch.equal(seen, again)
+    in_order = torch.cat([b[1] for b in iterate_batches(x, y, 4)])
+    assert in_order.tolist() == list(range(10))
+
+
+@pytest.mark.data
+def test_real_mnist_test_set_split(mnist_root: Path):
+    s = data.mnist(root=str(mnist_root), download=False, test_set_split=2000)
+    assert s.train_x.shape == (8000, 1, 28, 28) and s.test_x.shape == (2000, 1, 28, 28)
+    assert s.train_y.bincount(minlength=10).min() > 600 and s.test_y.bincount(minlength=10).min() > 150
+    # MNIST's well-known pixel statistics (mean 0.13, std 0.31 on [0, 1]) are what the split was normalised by.
+    assert s.mean[0] == pytest.approx(0.133, abs=0.005) and s.std[0] == pytest.approx(0.310, abs=0.005)
