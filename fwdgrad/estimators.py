@@ -59,15 +59,16 @@ from __future__ import annotations
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from fwdgrad.fast import RankOne, Unsupported, forward_tangents
+from fwdgrad.fast import RankOne, Regenerated, Tangent, Unsupported, forward_tangents, tangent_slice
 
 __all__ = [
     "Params",
@@ -98,61 +99,81 @@ _SIGN_BITS = {
 }
 
 
-#: Above this many entries a CPU buffer is filled in chunks of this size, each from its own generator, on a
-#: thread pool (torch's CPU generator is sequential; ATen releases the GIL, so the chunks run in parallel).
+#: Random numbers are drawn in chunks of this many entries, chunk c of a call from its own generator seeded
+#: ``(base + c) mod 2^32`` (``base``: one draw from the estimator's generator per call). On CPU the chunks run
+#: on a thread pool (torch's CPU generator is sequential; ATen releases the GIL, so they run in parallel), and
+#: any chunk can be regenerated later on its own. The result depends only on the seed and the parameter
+#: shapes, never on the thread count.
 _RNG_CHUNK = 1 << 19
 _RNG_POOL: Optional[ThreadPoolExecutor] = None
+RandomOp = Callable[[Tensor, torch.Generator], object]
 
 
-def _chunked(buf: Tensor, generator: torch.Generator, op: Callable[[Tensor, torch.Generator], Tensor]) -> Tensor:
-    """Apply the in-place random ``op`` to the 1-D ``buf``, in parallel chunks on CPU.
+def _num_chunks(n: int) -> int:
+    return max(1, -(-n // _RNG_CHUNK))
 
-    Reproducible whatever the thread count: the chunking depends only on ``buf.numel()``, and the chunk
-    generators are seeded ``base + i`` (distinct within a call) from one draw ``base`` of ``generator``.
-    """
-    n = buf.numel()
-    if buf.device.type != "cpu" or n <= _RNG_CHUNK:
-        return op(buf, generator)
-    base = int(torch.randint(0, 2**32, (1,), generator=generator))
 
-    def job(i: int) -> None:
-        g = torch.Generator()
-        g.manual_seed((base + i) % 2**32)
-        op(buf[i * _RNG_CHUNK: (i + 1) * _RNG_CHUNK], g)
+def _seeded(op: RandomOp, part: Tensor, seed: int) -> None:
+    g = torch.Generator(device=part.device)
+    g.manual_seed(seed % 2**32)
+    op(part, g)
 
-    chunks = range(-(-n // _RNG_CHUNK))
+
+def _chunk_jobs(buf: Tensor, seed0: int, op: RandomOp) -> List[Callable[[], None]]:
+    """Jobs applying the in-place random ``op`` to the 1-D ``buf``, chunk c seeded ``seed0 + c``."""
+    return [
+        partial(_seeded, op, buf[c * _RNG_CHUNK: (c + 1) * _RNG_CHUNK], seed0 + c)
+        for c in range(_num_chunks(buf.numel()))
+    ]
+
+
+def _run_jobs(jobs: Sequence[Callable[[], None]]) -> None:
     threads = torch.get_num_threads()  # as many workers as torch may use for its own ops
-    if threads < 2:
-        for i in chunks:
-            job(i)
-        return buf
+    if len(jobs) < 2 or threads < 2 or not all(j.args[1].device.type == "cpu" for j in jobs):  # type: ignore[attr-defined]
+        for job in jobs:
+            job()
+        return
     global _RNG_POOL
     if _RNG_POOL is None or _RNG_POOL._max_workers != threads:
         _RNG_POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fwdgrad-rng")
-    for _ in _RNG_POOL.map(job, chunks):
+    for _ in _RNG_POOL.map(lambda job: job(), jobs):
         pass
-    return buf
 
 
-def _fill_normal_(buf: Tensor, generator: torch.Generator) -> Tensor:
-    return _chunked(buf, generator, lambda b, g: b.normal_(generator=g))
+def _normal_op(b: Tensor, g: torch.Generator) -> Tensor:
+    return b.normal_(generator=g)
 
 
-def _fill_rademacher_(buf: Tensor, generator: torch.Generator) -> Tensor:
-    """Fill the 1-D ``buf`` with +-1, unpacking w random bits per w-bit random word (w = 16, 32 or 64).
+def _rademacher_words(buf: Tensor) -> Tuple[Tensor, Callable[[], Tensor]]:
+    """For a 1-D float ``buf`` (length a multiple of w): the w-bit random words to fill, and the unpacking.
 
-    ``buf.numel()`` must be a multiple of w (callers pad). Word bit j, shifted into the sign bit, becomes the
-    sign of entry j; OR-ing in the bits of 1.0 makes every entry exactly +1.0 or -1.0. One random number per
-    w entries instead of one per entry, and three passes of cheap integer ops.
+    Word bit j, shifted into the sign bit, becomes the sign of entry j; OR-ing in the bits of 1.0 makes every
+    entry exactly +1.0 or -1.0. One random number per w entries (w = 16, 32 or 64) instead of one per entry,
+    and three passes of cheap integer ops.
     """
     itype, w, one = _SIGN_BITS[buf.dtype]
     bits = buf.view(itype).view(-1, w)
     words = torch.empty(bits.shape[0], 1, dtype=itype, device=buf.device)
+
+    def unpack() -> Tensor:
+        shifts = torch.arange(w, dtype=itype, device=buf.device)
+        torch.bitwise_left_shift(words, shifts, out=bits)
+        return bits.bitwise_and_(-(2 ** (w - 1))).bitwise_or_(one).view(buf.dtype)
+
+    return words.view(-1), unpack
+
+
+def _word_op(dtype: torch.dtype) -> RandomOp:
+    w = _SIGN_BITS[dtype][1]
     lo, hi = -(2 ** (w - 1)), (2 ** (w - 1) if w < 64 else None)  # all w bits uniform
-    _chunked(words.view(-1), generator, lambda b, g: b.random_(lo, hi, generator=g))
-    shifts = torch.arange(w, dtype=itype, device=buf.device)
-    torch.bitwise_left_shift(words, shifts, out=bits)
-    return bits.bitwise_and_(-(2 ** (w - 1))).bitwise_or_(one).view(buf.dtype)
+    return lambda b, g: b.random_(lo, hi, generator=g)
+
+
+def _fill_rademacher_(buf: Tensor, generator: torch.Generator) -> Tensor:
+    """Fill the 1-D ``buf`` (length a multiple of w, see :func:`_padded`) with +-1 from random bits."""
+    words, unpack = _rademacher_words(buf)
+    _run_jobs(_chunk_jobs(words, int(torch.randint(0, 2**32, (1,), generator=generator)), _word_op(buf.dtype)))
+    return unpack()
 
 
 def _padded(numel: int, dtype: torch.dtype) -> int:
@@ -193,7 +214,6 @@ TANGENT_DISTRIBUTIONS: Dict[str, TangentSampler] = {
 }
 AGGREGATIONS = ("mean", "sum", "projection")
 BACKENDS = ("auto", "fast", "func")
-_BUILTIN_FILL = {_normal: _fill_normal_, _rademacher: _fill_rademacher_}
 
 
 def _to_dict(params: Params) -> Tuple[Dict[str, Tensor], bool]:
@@ -218,8 +238,8 @@ def _check_scalar(loss: Tensor) -> None:
         )
 
 
-def _dense(t: Union[Tensor, RankOne]) -> Tensor:
-    return t.dense() if isinstance(t, RankOne) else t
+def _dense(t: Tangent) -> Tensor:
+    return t if isinstance(t, Tensor) else t.dense()
 
 
 class GradientEstimator(ABC):
@@ -253,13 +273,13 @@ class Backprop(GradientEstimator):
 
 @dataclass
 class _Draw:
-    """One step's tangents: per parameter a ``(k, *shape)`` tensor or a :class:`RankOne`.
+    """One step's tangents: per parameter a ``(k, *shape)`` tensor, a RankOne or a Regenerated.
 
     ``buffers`` are the flat buffers the dense tangents are views of; ``owned`` says they were allocated for
     this call only, so the estimate may be written into them and handed out.
     """
 
-    tangents: Dict[str, Union[Tensor, RankOne]]
+    tangents: Dict[str, Tangent]
     buffers: List[Tensor] = field(default_factory=list)
     owned: bool = False
 
@@ -275,6 +295,13 @@ class ForwardGradient(GradientEstimator):
             hence the same estimates, for the same sequence of calls.
         backend: how the directional derivatives are computed: ``"auto"`` (default), ``"fast"`` or
             ``"func"`` (module docstring). All give the same estimates up to rounding.
+        regenerate_tangents: do not keep the (k, n) tangents through the forward pass; regenerate each
+            weight's tangents from their seeds when a layer needs them and again for the update. Same
+            estimates, about half the memory of a step (no parameter-sized buffer during the pass), one more
+            round of random numbers. Dense distributions with the fast backend only (else ignored).
+        max_tangent_mib: the fast path runs the k tangents in groups so that no intermediate tangent tensor
+            exceeds about this many MiB (each group repeats the primal pass). The group size is set from the
+            previous call's largest tangent, the first call probing with one tangent.
     """
 
     def __init__(
@@ -284,6 +311,8 @@ class ForwardGradient(GradientEstimator):
         distribution: str = "normal",
         seed: int = 0,
         backend: str = "auto",
+        regenerate_tangents: bool = False,
+        max_tangent_mib: float = 256.0,
     ) -> None:
         if not isinstance(num_tangents, int) or isinstance(num_tangents, bool) or num_tangents < 1:
             raise ValueError(
@@ -299,14 +328,19 @@ class ForwardGradient(GradientEstimator):
             )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}.")
+        if not max_tangent_mib > 0:
+            raise ValueError(f"max_tangent_mib must be > 0 (MiB per intermediate tangent), got {max_tangent_mib!r}.")
         self.num_tangents = num_tangents
         self.aggregation = aggregation
         self.distribution = distribution
         self.seed = int(seed)
         self.backend = backend
+        self.regenerate_tangents = bool(regenerate_tangents)
+        self.max_tangent_mib = float(max_tangent_mib)
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._fast_unsupported: Optional[str] = None  # why "auto" fell back to torch.func, once it has
         self._scratch: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}  # reused tangent buffers, k > 1
+        self._bytes_per_tangent: Optional[float] = None  # largest intermediate tangent of the last fast pass
 
     # -- public API ------------------------------------------------------------------------------------
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
@@ -321,7 +355,8 @@ class ForwardGradient(GradientEstimator):
                 )
         # With k > 1 the estimate is a new vector B c, so the k tangents can live in a buffer reused every
         # step; with k = 1 the estimate is written into the tangent buffer itself, which is then handed out.
-        draw = self._draw(p, reuse=self.num_tangents > 1)
+        lazy = self.regenerate_tangents and self.backend != "func" and self._fast_unsupported is None
+        draw = self._draw(p, reuse=self.num_tangents > 1, lazy=lazy)
         loss, d = self.directional_derivatives(loss_fn, p, draw.tangents, single)
         grads = self._aggregate(draw, d)
         return loss, _from_dict(grads, single)
@@ -334,6 +369,7 @@ class ForwardGradient(GradientEstimator):
             "distribution": self.distribution,
             "seed": self.seed,
             "backend": self.backend,
+            "regenerate_tangents": self.regenerate_tangents,
         }
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -358,12 +394,13 @@ class ForwardGradient(GradientEstimator):
         self,
         loss_fn: LossFn,
         params: Dict[str, Tensor],
-        tangents: Mapping[str, Union[Tensor, RankOne]],
+        tangents: Mapping[str, Tangent],
         single: bool = False,
     ) -> Tuple[Tensor, Tensor]:
         """Return ``(f(params), d)`` with ``d[i] = <grad f, v_i>``, a tensor of shape ``(k,)``.
 
-        ``tangents`` holds ``(k, *shape)`` tensors (or :class:`~fwdgrad.fast.RankOne` factors).
+        ``tangents`` holds ``(k, *shape)`` tensors (or :class:`~fwdgrad.fast.RankOne` factors, or
+        :class:`~fwdgrad.fast.Regenerated` tangents).
         """
 
         def f(p: Dict[str, Tensor]) -> Tensor:
@@ -372,7 +409,7 @@ class ForwardGradient(GradientEstimator):
         k = self.num_tangents
         if self.backend == "fast" or (self.backend == "auto" and self._fast_unsupported is None):
             try:
-                loss, d = forward_tangents(f, params, tangents, k)
+                loss, d = self._fast_passes(f, params, tangents)
             except Unsupported as e:
                 if self.backend == "fast":
                     raise ValueError(
@@ -400,7 +437,7 @@ class ForwardGradient(GradientEstimator):
         _check_scalar(loss)
         return loss.detach(), d.detach().reshape(k)
 
-    def aggregate(self, tangents: Mapping[str, Union[Tensor, RankOne]], d: Tensor) -> Dict[str, Tensor]:
+    def aggregate(self, tangents: Mapping[str, Tangent], d: Tensor) -> Dict[str, Tensor]:
         """Combine the k tangents and their directional derivatives into one estimate (module docstring).
 
         Never modifies ``tangents`` (the same tangents may be aggregated several ways).
@@ -408,7 +445,34 @@ class ForwardGradient(GradientEstimator):
         return self._aggregate(_Draw(dict(tangents)), d)
 
     # -- internals -------------------------------------------------------------------------------------
-    def _coefficients(self, tangents: Mapping[str, Union[Tensor, RankOne]], d: Tensor) -> Tensor:
+    def _fast_passes(
+        self, f: Callable[[Dict[str, Tensor]], Tensor], params: Dict[str, Tensor], tangents: Mapping[str, Tangent]
+    ) -> Tuple[Tensor, Tensor]:
+        """The fast engine over all k tangents, in groups whose intermediate tangents fit ``max_tangent_mib``."""
+        k = self.num_tangents
+        budget = self.max_tangent_mib * 2**20
+        if k == 1:
+            return forward_tangents(f, params, tangents, 1)
+        ds, i, loss = [], 0, None
+        per = self._bytes_per_tangent
+        largest = 0.0
+        while i < k:
+            # no measurement yet: probe with one tangent, then size the groups from what it allocated
+            group = 1 if per is None else max(1, min(k - i, int(budget // max(per, 1.0))))
+            part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
+            stats: Dict[str, float] = {}
+            loss, d = forward_tangents(f, params, part, group, stats)
+            if loss.dim() != 0:
+                return loss, d  # the caller reports the non-scalar loss
+            per = stats["max_bytes_per_tangent"]
+            largest = max(largest, per)
+            ds.append(d)
+            i += group
+        self._bytes_per_tangent = largest
+        assert loss is not None
+        return loss, torch.cat(ds)
+
+    def _coefficients(self, tangents: Mapping[str, Tangent], d: Tensor) -> Tensor:
         """``c`` with ``g = B c``: ``d / k`` (mean), ``d`` (sum) or ``(B^T B)^{-1} d`` (projection)."""
         if self.aggregation == "projection":
             return self._projection_coefficients(tangents, d)
@@ -427,7 +491,7 @@ class ForwardGradient(GradientEstimator):
         return {name: self._combine(t, coeff) for name, t in draw.tangents.items()}
 
     @staticmethod
-    def _combine(t: Union[Tensor, RankOne], coeff: Tensor) -> Tensor:
+    def _combine(t: Tangent, coeff: Tensor) -> Tensor:
         """``g_p = sum_i c_i V_p[i]`` for one parameter tensor."""
         if isinstance(t, RankOne):
             # sum_i c_i u_i v_i^T = (U^T diag(c)) V: one (m x k)(k x n) product, never k dense matrices.
@@ -435,11 +499,16 @@ class ForwardGradient(GradientEstimator):
             if t.k == 1:
                 return torch.outer(t.u[0] * c[0], t.v[0]).view(t.shape)
             return ((t.u.T * c) @ t.v).view(t.shape)
+        if isinstance(t, Regenerated):
+            v = t.dense()  # freshly regenerated: ours to scale in place when k = 1
+            if t.k == 1:
+                return v[0].mul_(coeff[0].to(v.dtype))
+            return torch.tensordot(coeff.to(v.dtype), v, dims=1)
         # tensordot keeps it one GEMV over the (k, numel) block.
         return torch.tensordot(coeff.to(t.dtype), t, dims=1)
 
     @staticmethod
-    def _projection_coefficients(tangents: Mapping[str, Union[Tensor, RankOne]], d: Tensor) -> Tensor:
+    def _projection_coefficients(tangents: Mapping[str, Tangent], d: Tensor) -> Tensor:
         """Solve ``(B^T B) c = d`` so that ``B c = B (B^T B)^{-1} B^T grad f`` (orthogonal projection).
 
         ``B^T B`` (k x k, the Gram matrix of the tangents over the whole concatenated parameter vector) is
@@ -454,7 +523,7 @@ class ForwardGradient(GradientEstimator):
             if isinstance(v, RankOne):
                 gram += (v.u @ v.u.T).to(torch.float64) * (v.v @ v.v.T).to(torch.float64)
             else:
-                flat = v.reshape(k, -1)
+                flat = _dense(v).reshape(k, -1)
                 gram += (flat @ flat.T).to(torch.float64)
         rhs = d.to(torch.float64).unsqueeze(1)
         chol, info = torch.linalg.cholesky_ex(gram)
@@ -464,53 +533,87 @@ class ForwardGradient(GradientEstimator):
             coeff = torch.linalg.pinv(gram, hermitian=True) @ rhs
         return coeff.squeeze(1)
 
-    def _draw(self, params: Dict[str, Tensor], reuse: bool) -> _Draw:
-        """Draw this step's tangents, the built-in distributions with one RNG call per (device, dtype)."""
+    def _draw(self, params: Dict[str, Tensor], reuse: bool, lazy: bool = False) -> _Draw:
+        """Draw this step's tangents (module docstring): built-in distributions in seeded chunks.
+
+        Layout: every parameter gets a contiguous block (its ``(k, *shape)`` tangents, or for ``rank1``
+        weights ``k*m`` then ``k*n`` factor entries; rademacher blocks padded to whole random words); chunk
+        ids run over the blocks in order, so any block can be regenerated alone (``lazy``).
+        """
         k = self.num_tangents
         sampler = TANGENT_DISTRIBUTIONS[self.distribution]
-        fill = _BUILTIN_FILL.get(sampler)
-        rank1 = sampler is _rank1
-        if fill is None and not rank1:  # a user-registered sampler: one call per tensor
+        kind = {_normal: "normal", _rademacher: "rademacher", _rank1: "rank1"}.get(sampler)
+        if kind == "rademacher" and any(t.dtype not in _SIGN_BITS for t in params.values()):
+            kind = None  # e.g. complex parameters: the generic sampler
+        if kind is None:  # a user-registered sampler: one call per tensor
             return _Draw({
                 name: sampler((k, *t.shape), self.generator(t.device), t.dtype, t.device)
                 for name, t in params.items()
             })
-        if rank1:
-            fill = _fill_normal_
-        # Layout: per parameter a contiguous block (its (k, *shape) tangents, or k*m then k*n factor entries).
-        groups: Dict[Tuple[torch.device, torch.dtype], List[Tuple[str, Tensor, int]]] = {}
+        first = next(iter(params.values()))
+        base = int(torch.randint(0, 2**32, (1,), generator=self.generator(first.device)))
+        lazy = lazy and kind != "rank1"  # rank-one factors are m + n numbers: nothing to save
+        # per parameter: (name, tensor, block size, first chunk id)
+        plan = []
+        next_id = 0
         for name, t in params.items():
-            size = k * (t.shape[0] + t[0].numel()) if rank1 and t.dim() >= 2 else k * t.numel()
-            groups.setdefault((t.device, t.dtype), []).append((name, t, size))
-        tangents: Dict[str, Union[Tensor, RankOne]] = {}
-        buffers = []
-        for (device, dtype), items in groups.items():
-            total = sum(size for _, _, size in items)
-            if fill is _fill_rademacher_:
-                if dtype not in _SIGN_BITS:  # exotic dtype: the generic sampler, per tensor
-                    for name, t, _ in items:
-                        tangents[name] = _rademacher((k, *t.shape), self.generator(device), dtype, device)
-                    continue
-                total = _padded(total, dtype)
-            key = (device, dtype)
+            factors = kind == "rank1" and t.dim() >= 2
+            size = k * (t.shape[0] + t[0].numel()) if factors else k * t.numel()
+            if kind == "rademacher":
+                size = _padded(size, t.dtype)
+            plan.append((name, t, size, next_id))
+            next_id += _num_chunks(size // _SIGN_BITS[t.dtype][1] if kind == "rademacher" else size)
+
+        def block_jobs(block: Tensor, seed0: int) -> Tuple[List[Callable[[], None]], Optional[Callable[[], Tensor]]]:
+            if kind == "rademacher":
+                words, unpack = _rademacher_words(block)
+                return _chunk_jobs(words, seed0, _word_op(block.dtype)), unpack
+            return _chunk_jobs(block, seed0, _normal_op), None
+
+        tangents: Dict[str, Tangent] = {}
+        if lazy:
+            for name, t, size, id0 in plan:
+                tangents[name] = Regenerated(k, partial(self._regenerate, t, size, base + id0, block_jobs, k))
+            return _Draw(tangents)
+        groups: Dict[Tuple[torch.device, torch.dtype], List[Tuple[str, Tensor, int, int]]] = {}
+        for item in plan:
+            groups.setdefault((item[1].device, item[1].dtype), []).append(item)
+        buffers, jobs, finish = [], [], []
+        for key, items in groups.items():
+            total = sum(size for _, _, size, _ in items)
             buf = self._scratch.get(key) if reuse else None
             if buf is None or buf.numel() != total:
-                buf = torch.empty(total, dtype=dtype, device=device)
+                buf = torch.empty(total, dtype=key[1], device=key[0])
                 if reuse:
                     self._scratch[key] = buf
-            fill(buf, self.generator(device))
             buffers.append(buf)
             off = 0
-            for name, t, size in items:
+            for name, t, size, id0 in items:
                 block = buf[off: off + size]
-                if rank1 and t.dim() >= 2:
+                js, fin = block_jobs(block, base + id0)
+                jobs += js
+                if fin is not None:
+                    finish.append(fin)
+                if kind == "rank1" and t.dim() >= 2:
                     m = t.shape[0]
                     tangents[name] = RankOne(block[: k * m].view(k, m), block[k * m:].view(k, -1), tuple(t.shape))
                 else:
-                    tangents[name] = block.view(k, *t.shape)
+                    tangents[name] = block[: k * t.numel()].view(k, *t.shape)
                 off += size
-        owned = not reuse and not rank1 and len(buffers) == len(groups)
+        _run_jobs(jobs)  # every chunk of every block, in parallel
+        for fin in finish:
+            fin()
+        owned = not reuse and kind != "rank1"
         return _Draw(tangents, buffers if owned else [], owned)
+
+    @staticmethod
+    def _regenerate(t: Tensor, size: int, seed0: int, block_jobs: Callable, k: int) -> Tensor:
+        block = torch.empty(size, dtype=t.dtype, device=t.device)
+        jobs, fin = block_jobs(block, seed0)
+        _run_jobs(jobs)
+        if fin is not None:
+            fin()
+        return block[: k * t.numel()].view(k, *t.shape)
 
 
 def estimate_module_grads(

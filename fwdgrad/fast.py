@@ -52,7 +52,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RankOne", "Unsupported", "forward_tangents", "supported_functions", "tune_malloc"]
+__all__ = [
+    "RankOne", "Regenerated", "Tangent", "Unsupported", "forward_tangents", "supported_functions",
+    "tangent_slice", "tune_malloc",
+]
 
 #: Attribute on a primal tensor holding its tangents (``(k, *shape)`` tensor or :class:`RankOne`).
 _ATTR = "_fwdgrad_tangents"
@@ -86,7 +89,31 @@ class RankOne:
         return self._dense
 
 
-Tangent = Union[Tensor, RankOne]
+class Regenerated:
+    """k dense tangents that are not stored: ``make()`` regenerates them (from their seeds) at each use.
+
+    A forward-mode pass uses each weight tangent once, so regenerating instead of keeping the whole tangent
+    vector through the pass trades one more round of random numbers for a parameter-sized buffer.
+    """
+
+    def __init__(self, k: int, make: Callable[[], Tensor]) -> None:
+        self.k = k
+        self._make = make
+
+    def dense(self) -> Tensor:
+        return self._make()
+
+
+Tangent = Union[Tensor, RankOne, Regenerated]
+
+
+def tangent_slice(t: Tangent, i: int, j: int) -> Tangent:
+    """Tangents ``i..j-1`` of ``t`` (views where possible)."""
+    if isinstance(t, Tensor):
+        return t[i:j]
+    if isinstance(t, RankOne):
+        return RankOne(t.u[i:j], t.v[i:j], t.shape)
+    return Regenerated(j - i, lambda: t.dense()[i:j])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -95,19 +122,30 @@ def _tan(x: Any) -> Optional[Tangent]:
 
 
 def _dense(t: Optional[Tangent]) -> Optional[Tensor]:
-    return t.dense() if isinstance(t, RankOne) else t
+    return t if t is None or isinstance(t, Tensor) else t.dense()
+
+
+class _Stats:
+    """Largest intermediate tangent of the running pass, in bytes per tangent (for the caller's chunking)."""
+
+    active: Optional[Dict[str, float]] = None
 
 
 def _with(out: Tensor, t: Optional[Tangent]) -> Tensor:
     if t is not None:
         setattr(out, _ATTR, t)
+        stats = _Stats.active
+        if stats is not None and isinstance(t, Tensor) and t.dim() > 0:
+            per = t.numel() * t.element_size() / t.shape[0]
+            if per > stats["max_bytes_per_tangent"]:
+                stats["max_bytes_per_tangent"] = per
     return out
 
 
 def _k_of(*ts: Optional[Tangent]) -> int:
     for t in ts:
         if t is not None:
-            return t.k if isinstance(t, RankOne) else t.shape[0]
+            return t.shape[0] if isinstance(t, Tensor) else t.k
     raise AssertionError("no tangent")  # pragma: no cover - callers check first
 
 
@@ -205,7 +243,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         tb = None
     elif tw is not None:
         # all k weight tangents at once: x @ [W_dot_1; ...; W_dot_k]^T is (rows, k*m) = (rows, k, m).
-        w_rows = tw.reshape(k * m, n).T
+        w_rows = _dense(tw).reshape(k * m, n).T
         acc = (x2 @ w_rows if tb is None else torch.addmm(tb.reshape(1, k * m), x2, w_rows)).view(rows, k, m)
         tb = None
     if tx is not None:
@@ -697,7 +735,7 @@ def _dropout(x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = F
 
 # -- ops whose output does not depend differentiably on the input: no tangent ----------------------------
 _ZERO_TANGENT = (
-    T.detach, torch.detach, T.zero_, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    T.detach, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
     torch.rand_like, torch.randn_like, T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor,
     torch.sign, T.sign, torch.floor, T.floor, torch.ceil, T.ceil, torch.round, T.round,
 )
@@ -777,6 +815,12 @@ def _has_float_tensor(out: Any) -> bool:
     return False
 
 
+_IN_PLACE_DUNDERS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+                            "xor", "lshift", "rshift")
+) | {"__setitem__"}
+
+
 class _TangentMode(TorchFunctionMode):
     """Route every torch call on tangent-carrying tensors to its rule (module docstring)."""
 
@@ -792,7 +836,10 @@ class _TangentMode(TorchFunctionMode):
             finally:
                 _current_func.func = prev
         name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-        if name.endswith("_") and not name.endswith("__") or kwargs.get("inplace", False) or "out" in kwargs:
+        short = name.rsplit(".", 1)[-1]
+        in_place = (short.endswith("_") and not short.endswith("__")) or short in _IN_PLACE_DUNDERS or bool(
+            kwargs.get("inplace", False)) or "out" in kwargs
+        if in_place:  # checked before running: a fallback must not see half-mutated tensors
             raise Unsupported(f"in-place op {name} on a tangent-carrying tensor")
         out = func(*args, **kwargs)
         if _has_float_tensor(out):
@@ -805,14 +852,17 @@ def forward_tangents(
     params: Mapping[str, Tensor],
     tangents: Mapping[str, Tangent],
     k: int,
+    stats: Optional[Dict[str, float]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Evaluate ``fn(params)`` and its k directional derivatives along ``tangents`` in one forward pass.
 
     Args:
         fn: maps a dict of parameter tensors to a scalar.
         params: the point theta (``name -> Tensor``).
-        tangents: per parameter either ``(k, *shape)`` dense tangents or a :class:`RankOne`.
+        tangents: per parameter ``(k, *shape)`` dense tangents, a :class:`RankOne` or a :class:`Regenerated`.
         k: the number of tangents.
+        stats: if given, receives ``max_bytes_per_tangent``, the size of the largest intermediate tangent
+            divided by k (what a caller needs to split k tangents into passes of bounded memory).
 
     Returns:
         ``(f(theta), d)`` with ``d[i] = <grad f(theta), V_i>`` (shape ``(k,)``), both detached.
@@ -825,8 +875,14 @@ def forward_tangents(
         a = p.detach()  # a fresh tensor object: the tangent attribute never touches the caller's tensor
         setattr(a, _ATTR, tangents[name])
         aliases[name] = a
-    with torch.no_grad(), _TangentMode():
-        out = fn(aliases)
+    if stats is not None:
+        stats["max_bytes_per_tangent"] = 0.0
+    prev, _Stats.active = _Stats.active, stats
+    try:
+        with torch.no_grad(), _TangentMode():
+            out = fn(aliases)
+    finally:
+        _Stats.active = prev
     t = _tan(out)
     if not isinstance(out, Tensor) or out.dim() != 0:
         return out, torch.zeros(0)  # the caller reports the non-scalar loss

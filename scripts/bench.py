@@ -71,12 +71,13 @@ class Variant:
     distribution: str = ""
     k: int = 0
     backend: str = ""
+    regenerate: bool = False
 
     @property
     def label(self) -> str:
         if self.name != "fg":
             return self.name
-        suffix = " (torch.func)" if self.backend == "func" else ""
+        suffix = " (torch.func)" if self.backend == "func" else (" regenerated" if self.regenerate else "")
         return f"fg {self.distribution} k={self.k}{suffix}"
 
 
@@ -112,6 +113,8 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int]) ->
     out = [Variant("forward"), Variant("backprop")]
     out += [Variant("fg", "normal", k, "func") for k in func_ks]
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
+    if "normal" in dists and 1 in ks:
+        out.append(Variant("fg", "normal", 1, "auto", regenerate=True))
     return out
 
 
@@ -126,7 +129,8 @@ def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
             with torch.no_grad():
                 loss_of(model(x))
         return step
-    est = Backprop() if v.name == "backprop" else ForwardGradient(v.k, "mean", v.distribution, seed=0, backend=v.backend)
+    est = Backprop() if v.name == "backprop" else ForwardGradient(
+        v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -191,6 +195,7 @@ def _sync(device: torch.device) -> None:
 
 def time_group(
     steps: Dict[str, Callable[[], None]],
+    warm_s: Dict[str, float],
     device: torch.device,
     rounds: int,
     min_sample_s: float,
@@ -198,15 +203,10 @@ def time_group(
     rng: random.Random,
 ) -> Dict[str, tuple[List[float], int]]:
     """Interleaved timing: ``rounds`` shuffled passes over all steps (at least 3, fewer than ``rounds`` only
-    when the group exceeds ``budget_s``). Returns per step the per-call times of each sample and ``inner``."""
-    inner: Dict[str, int] = {}
-    for name, fn in steps.items():  # calibration (the warm-up call already ran)
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t
-        inner[name] = max(1, min(50, math.ceil(min_sample_s / max(dt, 1e-6))))
+    when the group exceeds ``budget_s``). ``warm_s``: each step's warm-up duration, which sets how many steps
+    one sample times. Returns per step the per-call times of each sample and ``inner``."""
+    # steps per sample, from the warm-up call's duration (a first call is if anything slower: fewer steps)
+    inner = {name: max(1, min(50, math.ceil(min_sample_s / max(warm_s[name], 1e-6)))) for name in steps}
     samples: Dict[str, List[float]] = {name: [] for name in steps}
     start = time.perf_counter()
     order = list(steps)
@@ -247,12 +247,15 @@ def bench_group(
         make_step(v, model, x, y)()
     steps: Dict[str, Callable[[], None]] = {}
     peaks: Dict[str, float] = {}
+    warm: Dict[str, float] = {}
     for v in vs:  # warm-up call per configuration = its memory measurement, with a fresh estimator
         fn = make_step(v, model, x, y)
+        t = time.perf_counter()
         peaks[v.label] = mem.measure(fn)
+        warm[v.label] = time.perf_counter() - t
         steps[v.label] = fn
         model.zero_grad(set_to_none=True)
-    timed = time_group(steps, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng)
+    timed = time_group(steps, warm, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng)
     out = []
     for v in vs:
         xs, inner = timed[v.label]
@@ -280,7 +283,8 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
     y = torch.randint(0, 10, (batch,), device=device)
     res: Dict[str, object] = {"layers": layers, "width": width, "batch": batch,
                               "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB}
-    for v in (Variant("backprop"), Variant("fg", "normal", 1, "auto"), Variant("fg", "rank1", 1, "auto")):
+    for v in (Variant("backprop"), Variant("fg", "normal", 1, "auto"),
+              Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto")):
         make_step(v, model, x, y)()  # warm-up
         model.zero_grad(set_to_none=True)
         fn = make_step(v, model, x, y)
@@ -291,7 +295,8 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
         res[v.label] = {"peak_mib": peak, "step_ms": (time.perf_counter() - t) * 1e3}
         model.zero_grad(set_to_none=True)
     bp = res["backprop"]["peak_mib"]  # type: ignore[index]
-    res["fg_over_bp_peak"] = res["fg normal k=1"]["peak_mib"] / bp if bp else math.nan  # type: ignore[index]
+    for label in ("fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
+        res[label]["over_bp"] = res[label]["peak_mib"] / bp if bp else math.nan  # type: ignore[index]
     return res
 
 
@@ -374,6 +379,29 @@ def markdown_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: Sequence[Result]) -> str:
+    """Compact view: one row per step, one column per (model, batch); cells are fg/bp (R_f for forward)."""
+    cols = list(dict.fromkeys((r.model, r.batch) for r in results))
+    rows = list(dict.fromkeys(r.variant for r in results))
+    cell = {(r.variant, r.model, r.batch): r for r in results}
+    head = "| step | " + " | ".join(f"{m} {b}" for m, b in cols) + " |"
+    lines = [head, "|---|" + "---:|" * len(cols)]
+    for v in rows:
+        vals = []
+        for m, b in cols:
+            r = cell.get((v, m, b))
+            if r is None:
+                vals.append("")
+            elif v == "forward":
+                vals.append(f"{r.median_ms:.1f} ms")
+            elif v == "backprop":
+                vals.append(f"{r.median_ms:.1f} ms (R_b {r.r_f:.2f})")
+            else:
+                vals.append(f"{r.fg_over_bp:.2f}")
+        lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 #: The issue's targets (MLP 784-1024-1024-10): (label, batch, variant, bound on fg/bp).
 TARGETS = [
     ("dense Gaussian k=1, batch 1024: fg/bp <= 1.15", 1024, "fg normal k=1", 1.15),
@@ -424,16 +452,21 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
           "A step is the gradient computation that writes `p.grad` (the optimizer update is left out); "
           "R_f = step / forward pass (the backprop row's R_f is the paper's R_b); fg / bp = step / backprop "
           f"step. Peak memory: {mem_note}.", "",
+          "Summary: forward and backprop step times, then every forward-gradient step as a multiple of the "
+          "backprop step (fg / bp):", "", summary_table(results), "", "Full table:", "",
           markdown_table(results), ""]
     tl = targets_report(results)
     if tl:
         md += ["Targets (MLP 784-1024-1024-10):", "", *tl, ""]
     if deep is not None:
-        bp, fg, r1 = deep["backprop"], deep["fg normal k=1"], deep["fg rank1 k=1"]  # type: ignore[index]
         md += [f"Deep MLP ({deep['layers']} hidden layers of width {deep['width']}, batch {deep['batch']}, "
-               f"{_fmt(deep['params_mib'], 0)} MiB of parameters): peak memory of one step: backprop "  # type: ignore[arg-type]
-               f"{_fmt(bp['peak_mib'], 0)} MiB, forward gradient (normal, k=1) {_fmt(fg['peak_mib'], 0)} MiB "
-               f"(ratio {_fmt(deep['fg_over_bp_peak'])}; target <= 0.5), rank-1 {_fmt(r1['peak_mib'], 0)} MiB.", ""]  # type: ignore[arg-type]
+               f"{_fmt(deep['params_mib'], 0)} MiB of parameters; target: forward-gradient peak <= 0.5 x "  # type: ignore[arg-type]
+               "backprop's), peak memory and time of one step:", "",
+               "| step | peak MiB | × backprop peak | step ms |", "|---|---:|---:|---:|"]
+        for label in ("backprop", "fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
+            r = deep[label]  # type: ignore[index]
+            md.append(f"| {label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r.get('over_bp', 1.0))} | {_fmt(r['step_ms'], 0)} |")
+        md += [""]
     if quality:
         md += [f"Estimate quality on the MLP (batch 64, random data, {args.quality_draws} estimates each, mean "
                "aggregation): cosine similarity to the backprop gradient, and E|g - a|^2 / |a|^2 measured "

@@ -150,10 +150,26 @@ def test_unsupported_op_falls_back_once_with_a_warning_or_raises_with_fast(caplo
         ForwardGradient(backend="jit")
 
 
-def test_unsupported_is_raised_before_the_op_runs():
-    x = torch.randn(3)
+def _iadd(p):
+    y = p["w"] * 2
+    y += 1
+    return y.sum()
+
+
+def _setitem(p):
+    y = p["w"] * 2
+    y[0] = 0.0
+    return y.sum()
+
+
+@pytest.mark.parametrize("fn", [lambda p: p["w"].add_(1.0).sum(), _iadd, _setitem,
+                                lambda p: F.relu(p["w"] * 1, inplace=False).exp_().sum()])
+def test_in_place_ops_are_refused_before_they_run(fn):
+    w = torch.randn(3)
+    kept = w.clone()
     with pytest.raises(Unsupported, match="in-place op"):
-        forward_tangents(lambda p: p["w"].add_(x).sum(), {"w": torch.randn(3)}, {"w": torch.randn(1, 3)}, 1)
+        forward_tangents(fn, {"w": w}, {"w": torch.randn(1, 3)}, 1)
+    assert torch.equal(w, kept)  # the caller's parameters are untouched
 
 
 def test_handed_out_estimates_are_never_overwritten_by_later_steps():
@@ -256,9 +272,23 @@ def test_rank1_is_unbiased_with_the_derived_variance():
     err = (s - a_flat).pow(2).sum(1)
     se = float(err.std()) / math.sqrt(m)
     assert abs(float(err.mean()) - total_variance(a, "rank1")) < Z * se
-    # and the same bound has power: it rejects the dense formula where they differ most (weight rows/cols)
-    dense_total = total_variance(a, "normal")
-    assert abs(dense_total - total_variance(a, "rank1")) > Z * se
+
+
+def test_rank1_variance_formula_differs_from_dense_and_the_data_can_tell():
+    # A linear loss <A, W> has gradient A everywhere; on a 3 x 4 weight the rank-one total variance
+    # 12|A|^2 + (2*3 + 2*4 + 3)|A|^2 = 29|A|^2 is far from the dense 13|A|^2: the check above has the power
+    # to tell the two formulas apart, and the data side with rank-one.
+    A = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    loss_fn = lambda p: (p["w"] * A).sum()  # noqa: E731
+    params = {"w": torch.zeros(3, 4, dtype=DT)}
+    m = 4000
+    err = (_samples(loss_fn, params, m, distribution="rank1") - A.reshape(-1)).pow(2).sum(1)
+    se = float(err.std()) / math.sqrt(m)
+    a2 = float(A.pow(2).sum())
+    assert total_variance({"w": A}, "rank1") == pytest.approx(29 * a2)
+    assert total_variance({"w": A}, "normal") == pytest.approx(13 * a2)
+    assert abs(float(err.mean()) - 29 * a2) < Z * se
+    assert abs(float(err.mean()) - 13 * a2) > Z * se
 
 
 def test_rank1_bias_check_has_power_against_a_scaled_estimator():
@@ -268,3 +298,38 @@ def test_rank1_bias_check_has_power_against_a_scaled_estimator():
     var = _flat(component_variance(a, "rank1")) * 2
     z = ((s.mean(0) - _flat(a)).abs() / (var / s.shape[0]).sqrt()).max()
     assert float(z) > Z
+
+
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+@pytest.mark.parametrize("k,agg", [(1, "mean"), (4, "mean"), (4, "projection")])
+def test_regenerated_tangents_give_the_same_estimates(dist, k, agg):
+    loss_fn, params = _model_problem("convnet", DT)
+    _, g_kept = ForwardGradient(k, agg, dist, seed=6)(loss_fn, params)
+    est = ForwardGradient(k, agg, dist, seed=6, regenerate_tangents=True)
+    _, g_regen = est(loss_fn, params)
+    assert est._fast_unsupported is None
+    torch.testing.assert_close(_flat(g_regen), _flat(g_kept), rtol=1e-12, atol=1e-14)
+
+
+def test_tangents_run_in_groups_within_the_memory_budget(monkeypatch):
+    loss_fn, params = _model_problem("mlp", DT)
+    calls = []
+    real = estimators.forward_tangents
+
+    def counting(fn, p, t, k, stats=None):
+        calls.append(k)
+        return real(fn, p, t, k, stats)
+
+    monkeypatch.setattr(estimators, "forward_tangents", counting)
+    one_tangent_mib = 6 * 24 * 8 / 2**20  # the widest tangent: batch 6 x width 24, float64
+    est = ForwardGradient(5, "projection", "rank1", seed=1, max_tangent_mib=2.5 * one_tangent_mib)
+    _, g1 = est(loss_fn, params)
+    assert calls == [1, 2, 2]  # first call: a probe with one tangent, then groups of floor(2.5) = 2
+    calls.clear()
+    _, g2 = est(loss_fn, params)
+    assert calls == [2, 2, 1]
+    ref = ForwardGradient(5, "projection", "rank1", seed=1, backend="func")
+    torch.testing.assert_close(_flat(g1), _flat(ref(loss_fn, params)[1]))
+    torch.testing.assert_close(_flat(g2), _flat(ref(loss_fn, params)[1]))
+    with pytest.raises(ValueError, match="max_tangent_mib must be > 0"):
+        ForwardGradient(max_tangent_mib=0)
