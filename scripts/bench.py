@@ -193,6 +193,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+#: Clocks for the samples: wall time (default), or the calling thread's CPU time, which a shared machine's
+#: other processes cannot inflate by preempting us (only meaningful with one torch thread: --threads 1).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
 def time_group(
     steps: Dict[str, Callable[[], None]],
     warm_s: Dict[str, float],
@@ -201,6 +206,7 @@ def time_group(
     min_sample_s: float,
     budget_s: float,
     rng: random.Random,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, tuple[List[float], int]]:
     """Interleaved timing: ``rounds`` shuffled passes over all steps (at least 3, fewer than ``rounds`` only
     when the group exceeds ``budget_s``). ``warm_s``: each step's warm-up duration, which sets how many steps
@@ -218,11 +224,11 @@ def time_group(
         for name in order:
             fn, n = steps[name], inner[name]
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             for _ in range(n):
                 fn()
             _sync(device)
-            samples[name].append((time.perf_counter() - t) / n)
+            samples[name].append((clock() - t) / n)
     return {name: (samples[name], inner[name]) for name in steps}
 
 
@@ -255,7 +261,8 @@ def bench_group(
         warm[v.label] = time.perf_counter() - t
         steps[v.label] = fn
         model.zero_grad(set_to_none=True)
-    timed = time_group(steps, warm, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng)
+    timed = time_group(steps, warm, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng,
+                       CLOCKS[args.clock])
     out = []
     for v in vs:
         xs, inner = timed[v.label]
@@ -448,7 +455,8 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
           + ("tuned to keep freed memory (fwdgrad.fast.tune_malloc)" if info.get("malloc_tuned") else "defaults")
           + ".",
           "",
-          f"Median of up to {args.repeats} interleaved samples per row (each of `inner` back-to-back steps). "
+          f"Median of up to {args.repeats} interleaved samples per row (each of `inner` back-to-back steps), "
+          f"{'wall-clock time' if args.clock == 'wall' else 'CPU time of the (single) computing thread'}. "
           "A step is the gradient computation that writes `p.grad` (the optimizer update is left out); "
           "R_f = step / forward pass (the backprop row's R_f is the paper's R_b); fg / bp = step / backprop "
           f"step. Peak memory: {mem_note}.", "",
@@ -506,6 +514,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="stop adding rounds to a (model, batch) group after this long (at least 3 rounds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="keep glibc's default malloc thresholds (see fwdgrad.fast.tune_malloc)")
     p.add_argument("--deep-layers", type=int, default=32)
@@ -539,6 +549,9 @@ def run(args: argparse.Namespace) -> Path:
         raise BenchError(f"unknown distribution(s) {bad}; allowed: {', '.join(TANGENT_DISTRIBUTIONS)}.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        raise BenchError("--clock thread counts only the calling thread's CPU time: use it with --threads 1 on "
+                         "the CPU (or use --clock wall).")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but CUDA is not available; use --device cpu.")
@@ -547,6 +560,7 @@ def run(args: argparse.Namespace) -> Path:
         raise BenchError(f"output directory {out} is not empty; pass a new --out (results are never overwritten).")
     info = machine_info(device)
     info["malloc_tuned"] = False if args.no_malloc_tuning else tune_malloc()
+    info["clock"] = args.clock
     mem = PeakMemory(device)
     rng = random.Random(0)
     log.info("machine: %s", info)
