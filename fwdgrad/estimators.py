@@ -362,15 +362,21 @@ class ForwardGradient(GradientEstimator):
         return loss, _from_dict(grads, single)
 
     def describe(self) -> Dict[str, object]:
-        return {
+        out: Dict[str, object] = {
             "estimator": type(self).__name__,
             "num_tangents": self.num_tangents,
             "aggregation": self.aggregation,
             "distribution": self.distribution,
             "seed": self.seed,
-            "backend": self.backend,
-            "regenerate_tangents": self.regenerate_tangents,
         }
+        # execution settings change speed and memory, never the estimates: logged only when not the default
+        if self.backend != "auto":
+            out["backend"] = self.backend
+        if self.regenerate_tangents:
+            out["regenerate_tangents"] = True
+        if self.max_tangent_mib != 256.0:
+            out["max_tangent_mib"] = self.max_tangent_mib
+        return out
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""

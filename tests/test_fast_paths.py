@@ -333,3 +333,10 @@ def test_tangents_run_in_groups_within_the_memory_budget(monkeypatch):
     torch.testing.assert_close(_flat(g2), _flat(ref(loss_fn, params)[1]))
     with pytest.raises(ValueError, match="max_tangent_mib must be > 0"):
         ForwardGradient(max_tangent_mib=0)
+
+
+def test_describe_logs_execution_settings_only_when_not_default():
+    assert set(ForwardGradient().describe()) == {"estimator", "num_tangents", "aggregation", "distribution", "seed"}
+    d = ForwardGradient(distribution="rank1", backend="func", regenerate_tangents=True, max_tangent_mib=64).describe()
+    assert d["distribution"] == "rank1" and d["backend"] == "func" and d["regenerate_tangents"] is True
+    assert d["max_tangent_mib"] == 64
