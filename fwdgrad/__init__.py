@@ -9,6 +9,7 @@ Public API::
 
 from fwdgrad.estimators import (
     AGGREGATIONS,
+    BACKENDS,
     TANGENT_DISTRIBUTIONS,
     Backprop,
     ForwardGradient,
@@ -21,6 +22,7 @@ from fwdgrad import functional
 
 __all__ = [
     "AGGREGATIONS",
+    "BACKENDS",
     "TANGENT_DISTRIBUTIONS",
     "Backprop",
     "ForwardGradient",

@@ -1,0 +1,605 @@
+"""Benchmark: time per training step of forward gradients against backprop, measured side by side.
+
+    make bench                                     # = .venv/bin/python scripts/bench.py (about 6-9 min, 2 cores)
+    .venv/bin/python scripts/bench.py --models mlp --batches 1024 --ks 1,16 --repeats 9
+    .venv/bin/python scripts/bench.py --quick      # tiny models: checks the pipeline in seconds
+
+What is timed: one *gradient step*, ``estimate_module_grads(estimator, model, cross_entropy, x)``, i.e. the loss,
+the gradient (exact or estimated: tangent drawing, forward-mode pass, aggregation) and writing ``p.grad``; the
+optimizer update after it is the same for every variant and is left out. The baseline is one forward pass of
+the loss under ``torch.no_grad()``. Reported per configuration, as in the paper:
+
+    R_f = step / forward   (R_b for the backprop row)        fg/bp = step / backprop step
+
+Method: for each (model, batch size) every configuration is first run once as warm-up, which also measures
+its peak memory; then rounds visit all configurations in a shuffled order (interleaved, so a slow phase of a
+shared machine hits every configuration alike), each sample timing ``inner`` back-to-back steps (enough for
+about ``--min-sample-ms``); the table shows medians over the rounds. Peak memory: on CUDA
+``max_memory_allocated``; on Linux CPUs the resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs`` after ``malloc_trim``) minus the resident set before the step, with a fresh estimator
+so that buffers it keeps between steps count. Everything runs in one process.
+
+Outputs (``--out``, default ``outputs/bench/<timestamp>/``): ``bench.md`` (machine, table, targets, deep-MLP
+memory check), ``bench.csv`` (every number, with spread), ``machine.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
+from fwdgrad.fast import tune_malloc  # noqa: E402
+from fwdgrad.functional import cross_entropy  # noqa: E402
+from fwdgrad.models import MLP, ConvNet  # noqa: E402
+
+log = logging.getLogger("bench")
+MIB = 2**20
+
+
+class BenchError(ValueError):
+    """Bad command-line input."""
+
+
+# -- configurations ------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """One row of the table: what runs as the step."""
+
+    name: str  # forward | backprop | fg
+    distribution: str = ""
+    k: int = 0
+    backend: str = ""
+    regenerate: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.name != "fg":
+            return self.name
+        suffix = " (torch.func)" if self.backend == "func" else (" regenerated" if self.regenerate else "")
+        return f"fg {self.distribution} k={self.k}{suffix}"
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    variant: str
+    distribution: str
+    k: int
+    backend: str
+    median_ms: float
+    min_ms: float
+    q25_ms: float
+    q75_ms: float
+    samples: int
+    inner: int
+    peak_mib: float
+    r_f: float = math.nan
+    fg_over_bp: float = math.nan
+
+
+def build_model(name: str, quick: bool) -> nn.Module:
+    shape = (1, 28, 28)
+    if name == "mlp":
+        return MLP(shape, 10, (64, 64) if quick else (1024, 1024))
+    if name == "convnet":
+        return ConvNet(shape, 10, channels=4, hidden_size=32) if quick else ConvNet(shape, 10)
+    raise BenchError(f"unknown model {name!r}; use --models with mlp and/or convnet (comma separated).")
+
+
+def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int]) -> List[Variant]:
+    out = [Variant("forward"), Variant("backprop")]
+    out += [Variant("fg", "normal", k, "func") for k in func_ks]
+    out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
+    if "normal" in dists and 1 in ks:
+        out.append(Variant("fg", "normal", 1, "auto", regenerate=True))
+    return out
+
+
+def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The callable timed for ``v``, with its own new estimator (its first call allocates its buffers)."""
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(out, y)
+
+    if v.name == "forward":
+        def step() -> None:
+            with torch.no_grad():
+                loss_of(model(x))
+        return step
+    est = Backprop() if v.name == "backprop" else ForwardGradient(
+        v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        estimate_module_grads(est, model, loss_of, x)
+
+    return step
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak extra memory of one call: CUDA allocator stats, or Linux RSS high-water mark."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.note = ""
+        self._libc = None
+        if device.type == "cuda":
+            self.note = "torch.cuda.max_memory_allocated minus memory allocated before the step"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._libc = ctypes.CDLL("libc.so.6")
+            self.note = "resident-set high-water mark (VmHWM) minus resident set before the step (Linux)"
+        except OSError:
+            self._libc = None
+            self.note = "not measured (needs Linux /proc/self/clear_refs or CUDA)"
+
+    @staticmethod
+    def _status_kib(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        raise KeyError(key)
+
+    def measure(self, fn: Callable[[], None]) -> float:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - base) / MIB
+        if self._libc is None:
+            fn()
+            return math.nan
+        self._libc.malloc_trim(0)  # hand freed heap memory back, so only this call's allocations count
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        base = self._status_kib("VmRSS")
+        fn()
+        return (self._status_kib("VmHWM") - base) / 1024
+
+
+# -- timing ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+#: Clocks for the samples: wall time (default), or the calling thread's CPU time, which a shared machine's
+#: other processes cannot inflate by preempting us (only meaningful with one torch thread: --threads 1).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_group(
+    steps: Dict[str, Callable[[], None]],
+    warm_s: Dict[str, float],
+    device: torch.device,
+    rounds: int,
+    min_sample_s: float,
+    budget_s: float,
+    rng: random.Random,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Dict[str, tuple[List[float], int]]:
+    """Interleaved timing: ``rounds`` shuffled passes over all steps (at least 3, fewer than ``rounds`` only
+    when the group exceeds ``budget_s``). ``warm_s``: each step's warm-up duration, which sets how many steps
+    one sample times. Returns per step the per-call times of each sample and ``inner``."""
+    # steps per sample, from the warm-up call's duration (a first call is if anything slower: fewer steps)
+    inner = {name: max(1, min(50, math.ceil(min_sample_s / max(warm_s[name], 1e-6)))) for name in steps}
+    samples: Dict[str, List[float]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    order = list(steps)
+    for r in range(rounds):
+        if r >= 3 and time.perf_counter() - start > budget_s:
+            log.info("  time budget reached after %d rounds", r)
+            break
+        rng.shuffle(order)
+        for name in order:
+            fn, n = steps[name], inner[name]
+            _sync(device)
+            t = clock()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            samples[name].append((clock() - t) / n)
+    return {name: (samples[name], inner[name]) for name in steps}
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bench_group(
+    model_name: str, batch: int, vs: Sequence[Variant], args: argparse.Namespace, mem: PeakMemory,
+    device: torch.device, rng: random.Random,
+) -> List[Result]:
+    torch.manual_seed(0)
+    model = build_model(model_name, args.quick).to(device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    # warm-up of the whole group (lazy library initialisation must not count for the first row's memory)
+    for v in vs[:3]:
+        make_step(v, model, x, y)()
+    steps: Dict[str, Callable[[], None]] = {}
+    peaks: Dict[str, float] = {}
+    warm: Dict[str, float] = {}
+    for v in vs:  # warm-up call per configuration = its memory measurement, with a fresh estimator
+        fn = make_step(v, model, x, y)
+        t = time.perf_counter()
+        peaks[v.label] = mem.measure(fn)
+        warm[v.label] = time.perf_counter() - t
+        steps[v.label] = fn
+        model.zero_grad(set_to_none=True)
+    timed = time_group(steps, warm, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng,
+                       CLOCKS[args.clock])
+    out = []
+    for v in vs:
+        xs, inner = timed[v.label]
+        out.append(Result(
+            model_name, batch, v.label, v.distribution, v.k, v.backend,
+            median_ms=statistics.median(xs) * 1e3, min_ms=min(xs) * 1e3,
+            q25_ms=_quantile(xs, 0.25) * 1e3, q75_ms=_quantile(xs, 0.75) * 1e3,
+            samples=len(xs), inner=inner, peak_mib=peaks[v.label],
+        ))
+    fwd = next(r for r in out if r.variant == "forward").median_ms
+    bp = next(r for r in out if r.variant == "backprop").median_ms
+    for r in out:
+        r.r_f = r.median_ms / fwd
+        r.fg_over_bp = r.median_ms / bp
+    return out
+
+
+# -- the deep-MLP memory check and the training-loop row ------------------------------------------------------
+def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.device) -> Dict[str, object]:
+    """Peak memory of one step on a deep, wide MLP: backprop stores every activation, forward mode none."""
+    layers, width, batch = (4, 64, 16) if args.quick else (args.deep_layers, args.deep_width, args.deep_batch)
+    torch.manual_seed(0)
+    model = MLP((width,), 10, [width] * layers).to(device)
+    x = torch.randn(batch, width, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    res: Dict[str, object] = {"layers": layers, "width": width, "batch": batch,
+                              "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB}
+    for v in (Variant("backprop"), Variant("fg", "normal", 1, "auto"),
+              Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto")):
+        make_step(v, model, x, y)()  # warm-up
+        model.zero_grad(set_to_none=True)
+        fn = make_step(v, model, x, y)
+        peak = mem.measure(fn)
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        fn()
+        res[v.label] = {"peak_mib": peak, "step_ms": (time.perf_counter() - t) * 1e3}
+        model.zero_grad(set_to_none=True)
+    bp = res["backprop"]["peak_mib"]  # type: ignore[index]
+    for label in ("fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
+        res[label]["over_bp"] = res[label]["peak_mib"] / bp if bp else math.nan  # type: ignore[index]
+    return res
+
+
+def estimator_quality(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str]) -> List[Dict[str, object]]:
+    """What the speed buys: cosine similarity to the true gradient and E|g - a|^2 / |a|^2, measured over
+    ``--quality-draws`` estimates and predicted by :mod:`fwdgrad.structured`, per distribution and k."""
+    from fwdgrad.estimators import cosine_similarity
+    from fwdgrad.structured import total_variance
+
+    torch.manual_seed(0)
+    model = build_model("mlp", args.quick)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    from torch.func import functional_call
+
+    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(functional_call(model, p, (x,)), y)
+
+    a = Backprop()(loss_fn, params)[1]
+    a2 = sum(float(t.double().pow(2).sum()) for t in a.values())
+    rows = []
+    for dist in dists:
+        for k in ks:
+            est = ForwardGradient(k, "mean", dist, seed=5)
+            cos, err = [], []
+            for _ in range(args.quality_draws):
+                ghat = est(loss_fn, params)[1]
+                cos.append(cosine_similarity(ghat, a))
+                err.append(sum(float((ghat[n].double() - a[n].double()).pow(2).sum()) for n in a) / a2)
+            rows.append({"distribution": dist, "k": k, "cosine_mean": statistics.fmean(cos),
+                         "cosine_sd": statistics.stdev(cos) if len(cos) > 1 else math.nan,
+                         "rel_err_measured": statistics.fmean(err),
+                         "rel_err_predicted": total_variance(a, dist, k) / a2})
+    return rows
+
+
+def training_loop_overhead() -> Dict[str, str]:
+    """The MNIST loop's own cost on top of the estimator step: needs ``fwdgrad.train`` (the MNIST issue)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fwdgrad.train") is None:
+        return {"note": "skipped: fwdgrad/train.py is not in this checkout, so there is no training loop to time."}
+    return {"note": "skipped: fwdgrad/train.py exists but this benchmark does not drive it yet "
+                    "(time its steps against the estimator step measured above)."}
+
+
+# -- reporting ---------------------------------------------------------------------------------------------
+def machine_info(device: torch.device) -> Dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: Dict[str, object] = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(), "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def _fmt(x: float, nd: int = 2) -> str:
+    return "n/a" if x != x else f"{x:.{nd}f}"
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    lines = ["| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.batch} | {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.r_f)} | "
+            f"{'—' if r.variant == 'forward' else _fmt(r.fg_over_bp)} | {_fmt(r.peak_mib, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_table(results: Sequence[Result]) -> str:
+    """Compact view: one row per step, one column per (model, batch); cells are fg/bp (R_f for forward)."""
+    cols = list(dict.fromkeys((r.model, r.batch) for r in results))
+    rows = list(dict.fromkeys(r.variant for r in results))
+    cell = {(r.variant, r.model, r.batch): r for r in results}
+    head = "| step | " + " | ".join(f"{m} {b}" for m, b in cols) + " |"
+    lines = [head, "|---|" + "---:|" * len(cols)]
+    for v in rows:
+        vals = []
+        for m, b in cols:
+            r = cell.get((v, m, b))
+            if r is None:
+                vals.append("")
+            elif v == "forward":
+                vals.append(f"{r.median_ms:.1f} ms")
+            elif v == "backprop":
+                vals.append(f"{r.median_ms:.1f} ms (R_b {r.r_f:.2f})")
+            else:
+                vals.append(f"{r.fg_over_bp:.2f}")
+        lines.append(f"| {v} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+#: The issue's targets (MLP 784-1024-1024-10): (label, batch, variant, bound on fg/bp).
+TARGETS = [
+    ("dense Gaussian k=1, batch 1024: fg/bp <= 1.15", 1024, "fg normal k=1", 1.15),
+    ("dense Gaussian k=1, batch 64: fg/bp <= 2.5", 64, "fg normal k=1", 2.5),
+    ("dense k=16, batch 1024: <= 14 x backprop", 1024, "fg normal k=16", 14.0),
+    ("structured k=16, batch 1024: <= 6 x backprop", 1024, "fg rank1 k=16", 6.0),
+    ("structured k=1, batch 1024: fg/bp <= 0.75", 1024, "fg rank1 k=1", 0.75),
+    ("structured k=1, batch 64: fg/bp <= 0.9", 64, "fg rank1 k=1", 0.9),
+]
+
+
+def targets_report(results: Sequence[Result]) -> List[str]:
+    lines = []
+    for label, batch, variant, bound in TARGETS:
+        r = next((r for r in results if r.model == "mlp" and r.batch == batch and r.variant == variant), None)
+        if r is None:
+            continue
+        ok = "met" if r.fg_over_bp <= bound else "NOT met"
+        lines.append(f"- {label}: measured {r.fg_over_bp:.2f} ({ok})")
+    return lines
+
+
+def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result], deep: Optional[Dict[str, object]],
+                  quality: Sequence[Dict[str, object]], loop: Dict[str, str], mem_note: str,
+                  args: argparse.Namespace) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(results[0]).keys()))
+        w.writeheader()
+        for r in results:
+            w.writerow(asdict(r))
+    if quality:
+        with open(out / "quality.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(quality[0].keys()))
+            w.writeheader()
+            w.writerows(quality)
+    (out / "machine.json").write_text(json.dumps({"machine": info, "deep_mlp": deep, "training_loop": loop},
+                                                 indent=2, default=str))
+    md = ["# fwdgrad benchmark", "",
+          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
+          f"device {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else "")
+          + (f"; load average at start {info.get('loadavg_start')}, at end {info.get('loadavg_end')}"
+             if "loadavg_start" in info else "") + "; glibc malloc "
+          + ("tuned to keep freed memory (fwdgrad.fast.tune_malloc)" if info.get("malloc_tuned") else "defaults")
+          + ".",
+          "",
+          f"Median of up to {args.repeats} interleaved samples per row (each of `inner` back-to-back steps), "
+          f"{'wall-clock time' if args.clock == 'wall' else 'CPU time of the (single) computing thread'}. "
+          "A step is the gradient computation that writes `p.grad` (the optimizer update is left out); "
+          "R_f = step / forward pass (the backprop row's R_f is the paper's R_b); fg / bp = step / backprop "
+          f"step. Peak memory: {mem_note}.", "",
+          "Summary: forward and backprop step times, then every forward-gradient step as a multiple of the "
+          "backprop step (fg / bp):", "", summary_table(results), "", "Full table:", "",
+          markdown_table(results), ""]
+    tl = targets_report(results)
+    if tl:
+        md += ["Targets (MLP 784-1024-1024-10):", "", *tl, ""]
+    if deep is not None:
+        md += [f"Deep MLP ({deep['layers']} hidden layers of width {deep['width']}, batch {deep['batch']}, "
+               f"{_fmt(deep['params_mib'], 0)} MiB of parameters; target: forward-gradient peak <= 0.5 x "  # type: ignore[arg-type]
+               "backprop's), peak memory and time of one step:", "",
+               "| step | peak MiB | × backprop peak | step ms |", "|---|---:|---:|---:|"]
+        for label in ("backprop", "fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
+            r = deep[label]  # type: ignore[index]
+            md.append(f"| {label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r.get('over_bp', 1.0))} | {_fmt(r['step_ms'], 0)} |")
+        md += [""]
+    if quality:
+        md += [f"Estimate quality on the MLP (batch 64, random data, {args.quality_draws} estimates each, mean "
+               "aggregation): cosine similarity to the backprop gradient, and E|g - a|^2 / |a|^2 measured "
+               "and predicted (fwdgrad.structured).", "",
+               "| tangents | k | cosine (mean ± sd) | E‖g−a‖²/‖a‖² measured | predicted |", "|---|---:|---:|---:|---:|"]
+        md += [f"| {q['distribution']} | {q['k']} | {q['cosine_mean']:.2e} ± {q['cosine_sd']:.1e} | "
+               f"{q['rel_err_measured']:.4g} | {q['rel_err_predicted']:.4g} |" for q in quality]
+        md += [""]
+    md += [f"Training loop overhead: {loop['note']}", ""]
+    (out / "bench.md").write_text("\n".join(md))
+
+
+# -- main --------------------------------------------------------------------------------------------------
+def _ints(text: str, what: str) -> List[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--{what} takes comma-separated integers (e.g. 1,4,16), got {text!r}.") from None
+    if any(v < 1 for v in vals):
+        raise BenchError(f"--{what} values must be >= 1, got {text!r}.")
+    return vals
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mlp,convnet", help="comma-separated: mlp, convnet")
+    p.add_argument("--batches", default="64,256,1024")
+    p.add_argument("--ks", default="1,4,16", help="numbers of tangents")
+    p.add_argument("--distributions", default="normal,rademacher,rank1")
+    p.add_argument("--func-ks", default="1,16",
+                   help="k values also run on the torch.func reference path (normal tangents); the conv net "
+                        "gets only k=1 there unless --func-convnet")
+    p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (samples per row)")
+    p.add_argument("--min-sample-ms", type=float, default=30.0)
+    p.add_argument("--group-budget-s", type=float, default=40.0,
+                   help="stop adding rounds to a (model, batch) group after this long (at least 3 rounds)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="keep glibc's default malloc thresholds (see fwdgrad.fast.tune_malloc)")
+    p.add_argument("--deep-layers", type=int, default=32)
+    p.add_argument("--deep-width", type=int, default=1024)
+    p.add_argument("--deep-batch", type=int, default=2048)
+    p.add_argument("--no-deep", action="store_true", help="skip the deep-MLP memory check")
+    p.add_argument("--quality-draws", type=int, default=20,
+                   help="estimates per (distribution, k) for the cosine/variance table (0 skips it)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models, batch 8, k=1,2, 2 rounds: checks the pipeline in seconds")
+    p.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.ks, args.func_ks = "8", "1,2", "1,2"
+        args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
+    if args.repeats < 1:
+        raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
+    return args
+
+
+def run(args: argparse.Namespace) -> Path:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        build_model(m, True)  # validates the name before any long work
+    batches, ks, func_ks = _ints(args.batches, "batches"), _ints(args.ks, "ks"), _ints(args.func_ks, "func-ks")
+    dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
+    from fwdgrad import TANGENT_DISTRIBUTIONS
+
+    bad = [d for d in dists if d not in TANGENT_DISTRIBUTIONS]
+    if bad:
+        raise BenchError(f"unknown distribution(s) {bad}; allowed: {', '.join(TANGENT_DISTRIBUTIONS)}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
+        raise BenchError("--clock thread counts only the calling thread's CPU time: use it with --threads 1 on "
+                         "the CPU (or use --clock wall).")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for but CUDA is not available; use --device cpu.")
+    out = Path(args.out) if args.out else ROOT / "outputs" / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise BenchError(f"output directory {out} is not empty; pass a new --out (results are never overwritten).")
+    info = machine_info(device)
+    info["malloc_tuned"] = False if args.no_malloc_tuning else tune_malloc()
+    info["clock"] = args.clock
+    mem = PeakMemory(device)
+    rng = random.Random(0)
+    log.info("machine: %s", info)
+    results: List[Result] = []
+    t0 = time.perf_counter()
+    for m in models:
+        fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
+        vs = variants(ks, dists, fks)
+        for b in batches:
+            log.info("%s batch %d: %d configurations", m, b, len(vs))
+            group = bench_group(m, b, vs, args, mem, device, rng)
+            for r in group:
+                log.info("  %-28s %9.2f ms  R_f %6.2f  fg/bp %5.2f  peak %7.1f MiB",
+                         r.variant, r.median_ms, r.r_f, r.fg_over_bp, r.peak_mib)
+            results += group
+    deep = None if args.no_deep else deep_mlp_memory(args, mem, device)
+    if deep is not None:
+        log.info("deep MLP: %s", deep)
+    quality = estimator_quality(args, ks, dists) if args.quality_draws > 0 else []
+    loop = training_loop_overhead()
+    if hasattr(os, "getloadavg"):
+        info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    info["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_outputs(out, info, results, deep, quality, loop, mem.note, args)
+    log.info("wrote %s (%.0f s)", out, time.perf_counter() - t0)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = parse_args(argv)
+        out = run(args)
+    except BenchError as e:
+        log.error("bench: %s", e)
+        return 2
+    log.info("\n%s", (out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
