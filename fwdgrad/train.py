@@ -43,6 +43,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from fwdgrad.data import DatasetError, Splits, iterate_batches
+from fwdgrad.distributed import (
+    DataParallelEstimator,
+    DistributedConfigError,
+    env_world_size,
+    init_from_env,
+    launch_workers,
+)
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
 from fwdgrad.functional import cross_entropy
 from fwdgrad.models import ModelConfigError
@@ -62,10 +69,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Columns of ``history.csv`` (one row per logged point; empty cells where a value is not available).
+#: Columns of ``history.csv`` (one row per logged point; empty cells where a value is not available;
+#: ``comm/bytes_allreduced`` only in data-parallel runs).
 HISTORY_COLUMNS = (
     "step", "epoch", "wall_time_s", "train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr",
-    "time/step_ms",
+    "time/step_ms", "comm/bytes_allreduced",
 )
 #: TensorBoard scalar tags (the same names as the history columns).
 TB_TAGS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "time/step_ms")
@@ -323,6 +331,22 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
     output_dir = Path(output_dir)
     opt_cfg = cfg.optimization
 
+    # -- data parallelism: spawn local workers (distributed.world_size > 1) or join torchrun's group -----------
+    dist_cfg = cfg.get("distributed") or {}
+    requested_world = int(dist_cfg.get("world_size", 1))
+    if requested_world < 1:
+        raise ConfigError(f"distributed.world_size must be >= 1, got {requested_world}.")
+    if not torch.distributed.is_initialized():
+        if env_world_size() > 1:  # started by torchrun: every process runs this function
+            init_from_env(str(dist_cfg.get("backend", "auto")), float(dist_cfg.get("timeout_s", 120)))
+        elif requested_world > 1:
+            return _train_data_parallel(cfg, output_dir, requested_world, float(dist_cfg.get("timeout_s", 120)))
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    is_main = rank == 0
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log: rank 0's
+
     # -- validate the scalar settings before any expensive work ------------------------------------------------
     epochs = int(opt_cfg.epochs)
     if epochs < 1:
@@ -350,6 +374,9 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
         num_classes=splits.num_classes, _convert_="all",
     ).to(device)
     estimator: GradientEstimator = _build(cfg.gradient, "gradient estimator")
+    if world > 1:
+        # Every rank computes on its shard of each batch; forward gradients all-reduce k scalars, backprop n.
+        estimator = DataParallelEstimator(estimator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build(opt_cfg.optimizer, "optimizer")(params)
     # The reference's decay lr_t = lr_0 * exp(-k t), stepped every optimizer step: gamma = exp(-k).
@@ -359,7 +386,7 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
     log.info("model %s with %d parameters on %s; estimator %s", type(model).__name__, n_params, device,
              estimator.describe())
 
-    recorder = Recorder(output_dir)
+    recorder = Recorder(output_dir, enabled=is_main)
     data_gen = torch.Generator().manual_seed(seed)  # the data order
     steps_per_epoch = math.ceil(splits.train_x.shape[0] / splits.batch_size)
     total_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
@@ -392,7 +419,7 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(), tqdm(total=total_steps, disable=not cfg.progress_bar, unit="step",
+    with logging_redirect_tqdm(), tqdm(total=total_steps, disable=not (cfg.progress_bar and is_main), unit="step",
                                        dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             model.train()
@@ -403,6 +430,8 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
             t_win = time.perf_counter()
             for i, (x, y) in enumerate(iterate_batches(splits.train_x, splits.train_y, splits.batch_size, data_gen)):
                 last_in_epoch = i == steps_per_epoch - 1
+                if world > 1:
+                    x, y = estimator.shard(x, y)  # same batch order on every rank (same seed): take our rows
                 at_log = (step + 1) % log_every == 0 or last_in_epoch or step + 1 == total_steps
                 if at_log:
                     # train/accuracy: this batch's accuracy at the parameters the step's loss is taken at (one
@@ -432,6 +461,7 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
                 lr_now = optimizer.param_groups[0]["lr"]
                 recorder.log(step, step / steps_per_epoch, time.perf_counter() - t_start, {
                     "train/loss": mean_loss, "train/accuracy": float(batch_acc), "lr": lr_now, "time/step_ms": ms,
+                    **({"comm/bytes_allreduced": estimator.stats.bytes_allreduced} if world > 1 else {}),
                 })
                 bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}", refresh=False)
                 first_step = step - win_n + 1
@@ -498,6 +528,10 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
         "dataset_info": splits.describe(),
         "data_load_s": round(data_load_s, 3),
         "seed": seed,
+        "world_size": world,
+        # bytes this rank contributed to all-reduces in the last step (k+1 float64 for forward gradients,
+        # n+1 floats for backprop); 0 in a single process.
+        "allreduce_bytes_per_step": estimator.stats.bytes_allreduced if world > 1 else 0,
     }
     recorder.flush()
     recorder.plot(splits, pred if last_eval_step >= 0 else None, int(cfg.plot_misclassified))
@@ -506,6 +540,25 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
     log.info("done (%s): final test accuracy %.4f, best %.4f, %d steps, %.1f s; outputs in %s", stopped,
              test_acc, best_acc, step, wall, output_dir)
     return metrics
+
+
+def _data_parallel_worker(rank: int, world_size: int, cfg_yaml: str, output_dir: str) -> None:
+    train(OmegaConf.create(cfg_yaml), output_dir)
+
+
+def _train_data_parallel(cfg: DictConfig, output_dir: Path, world_size: int, timeout_s: float) -> Dict[str, Any]:
+    """Run :func:`train` in ``world_size`` local processes (gloo on CPU); return rank 0's metrics."""
+    log.info("data-parallel training on %d local processes (each on 1/%d of every batch); rank 0 writes %s",
+             world_size, world_size, output_dir)
+    try:
+        launch_workers(_data_parallel_worker, world_size, args=(OmegaConf.to_yaml(cfg, resolve=True), str(output_dir)),
+                       timeout_s=timeout_s)
+    except DistributedConfigError as e:
+        raise ConfigError(str(e)) from None
+    metrics_file = output_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise ConfigError(f"the data-parallel workers finished without writing {metrics_file}; see the log above.")
+    return json.loads(metrics_file.read_text())
 
 
 def main(cfg: DictConfig) -> Dict[str, Any]:

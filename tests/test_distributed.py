@@ -103,3 +103,33 @@ def test_lost_worker_stops_the_others_with_a_clear_error(mode, tmp_path):
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["error"] is not None and "Another worker probably died" in result["error"]
     assert result["seconds"] < 30
+
+
+# -- the training loop: distributed.world_size=2 through the real configs ------------------------------------------
+def _compose(name: str, *overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        return compose(name, overrides=["dataset=digits", "model=mlp", "model.hidden_sizes=[32]", "progress_bar=false",
+                                        "optimization.max_steps=12", "log_every=4", *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,extra,k", [("mnist_fwdgrad", ["gradient.num_tangents=4"], 4), ("mnist_backprop", [], None)])
+def test_training_loop_two_workers_equal_one(name, extra, k, tmp_path):
+    from fwdgrad.train import train
+
+    m1 = train(_compose(name, "distributed.world_size=1", *extra), tmp_path / "one")
+    m2 = train(_compose(name, "distributed.world_size=2", *extra), tmp_path / "two")
+    s1 = torch.load(tmp_path / "one" / "model.pt")["state_dict"]
+    s2 = torch.load(tmp_path / "two" / "model.pt")["state_dict"]
+    for key in s1:
+        torch.testing.assert_close(s2[key], s1[key], atol=1e-6, rtol=1e-5)
+    assert m2["world_size"] == 2 and m2["steps"] == m1["steps"] == 12
+    n = sum(t.numel() for t in s1.values())
+    assert m2["allreduce_bytes_per_step"] == ((k + 1) * 8 if k else (n + 1) * 4)
+    assert m1["allreduce_bytes_per_step"] == 0
+    # Only rank 0 wrote: one history with the traffic column filled in.
+    history = (tmp_path / "two" / "history.csv").read_text().splitlines()
+    assert "comm/bytes_allreduced" in history[0]
+    assert str(m2["allreduce_bytes_per_step"]) in history[1] + history[2]
