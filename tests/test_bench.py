@@ -34,7 +34,7 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
             assert float(r["fg_over_bp"]) == 1.0
     assert "| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB |" in md
     assert "| mlp | 8 | fg rank1 k=1 |" in md
-    assert "Machine:" in md and "threads" in md and "Deep MLP" in md and "Training loop overhead" in md
+    assert "Machine:" in md and "threads" in md and "Deep MLP" in md and "Training loop overhead: MLP" in md
     assert len(list(csv.DictReader(open(out / "quality.csv")))) == 3 * 2
 
 
