@@ -263,7 +263,8 @@ def _factories(cfg: DictConfig, start: Tensor) -> Tuple[OptimizerFactory, Option
         trial = make_optimizer([start.clone()])
     except (TypeError, ValueError) as err:
         raise ConfigError(f"`optimizer` cannot be built ({OmegaConf.to_container(cfg.optimizer)}): {err}. "
-                          "It must be a partial torch.optim optimizer (`_partial_: true`).") from None
+                          "Check the keys under `optimizer` against its arguments (from Adam to SGD: "
+                          "optimizer._target_=torch.optim.SGD ~optimizer.betas) and keep `_partial_: true`.") from None
     if make_scheduler is not None:
         try:
             make_scheduler(trial)

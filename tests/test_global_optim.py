@@ -226,8 +226,8 @@ def test_n_dimensional_functions_run_without_trajectory_plot(name, tmp_path):
 # -- divergence ----------------------------------------------------------------------------------------------
 def test_divergence_of_both_is_recorded_and_files_stay_valid(tmp_path):
     # Plain SGD with lr = 1 on Rosenbrock: |x| grows like x <- 400 x^3 per step, f overflows within a few steps.
-    cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "scheduler=null",
-                      "learning_rate=1.0", "iterations=100")
+    cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "~optimizer.betas",
+                      "scheduler=null", "learning_rate=1.0", "iterations=100")
     summary = run_global_optim(cfg, output_dir=tmp_path)
     assert summary["all_diverged"]
     on_disk = strict_json(tmp_path / "summary.json")
@@ -247,7 +247,8 @@ def test_one_estimator_diverging_leaves_the_other_running(tmp_path):
     # With these seeds (fixed tangents) some forward-gradient runs do, within ~60 steps.
     diverged = 0
     for seed in range(5):
-        cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "+optimizer.momentum=0.9",
+        cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "~optimizer.betas",
+                          "+optimizer.momentum=0.9",
                           "scheduler=null", "learning_rate=3e-4", "iterations=100", f"seed={seed}")
         runs = run_global_optim(cfg, output_dir=tmp_path / str(seed))["estimators"]
         assert not runs["backprop"]["diverged"] and runs["backprop"]["iterations_run"] == 100
@@ -288,6 +289,7 @@ def test_baseline_can_be_dropped_or_replaced(tmp_path):
         (["gradient.num_tangents=0"], "num_tangents must be an integer >= 1"),
         (["gradient.aggregation=median"], "unknown aggregation 'median'"),
         (["optimizer._partial_=false"], "invalid `optimizer` config"),
+        (["optimizer._target_=torch.optim.SGD"], "~optimizer.betas"),
         (["scheduler._target_=torch.optim.lr_scheduler.StepLR"], "`scheduler` cannot be built"),
     ],
 )
