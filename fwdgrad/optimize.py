@@ -1,0 +1,368 @@
+"""Global optimisation of test functions: a gradient estimator beside a baseline, from the same start.
+
+This is the first experiment of Baydin et al. (2022, *Gradients without Backpropagation*, Sec. 5.1): minimise
+Beale and Rosenbrock with forward gradients and with backprop, with the same optimizer, learning rate and
+number of iterations, and compare the trajectories. The n-dimensional functions (Sphere, Rosenbrock,
+Styblinski-Tang) follow Fluegel et al. (2024).
+
+Each estimator drives its own ``torch.optim`` optimizer on its own copy of the start point ``x_0``:
+
+    loss_t, g_t = estimator(f, x_t)          # f(x_t) and an estimate of grad f(x_t)
+    x_{t+1} = optimizer_step(x_t, g_t)
+
+For the forward gradient ``E[g_t] = grad f(x_t)``; for backprop ``g_t = grad f(x_t)`` exactly.
+
+:func:`run_global_optim` takes the composed Hydra config (``configs/global_optim.yaml``) and writes, into the
+run directory, TensorBoard scalars per estimator, ``summary.json``, ``loss.png`` and (2-D only)
+``trajectories.png``. It returns the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from fwdgrad.estimators import GradientEstimator
+from fwdgrad.functions import TestFunction
+
+__all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run_global_optim"]
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[List[Tensor]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+class ConfigError(ValueError):
+    """The experiment config cannot be run as given; the message names the key and the fix."""
+
+
+@dataclass
+class OptimResult:
+    """What one estimator did: its values ``f(x_0), ..., f(x_T)``, path (2-D) and final state."""
+
+    label: str
+    role: str
+    settings: Dict[str, Any]
+    values: List[float] = field(default_factory=list)
+    path: Optional[np.ndarray] = None
+    final_point: List[float] = field(default_factory=list)
+    final_value: Optional[float] = None
+    distance_to_minimum: Optional[float] = None
+    iterations_run: int = 0
+    wall_time_s: float = 0.0
+    diverged: bool = False
+    message: Optional[str] = None
+
+    def summary(self) -> Dict[str, Any]:
+        """The JSON-ready record of this run (no per-step arrays)."""
+        return {
+            "role": self.role,
+            "settings": self.settings,
+            "final_point": self.final_point,
+            "final_value": self.final_value,
+            "distance_to_minimum": self.distance_to_minimum,
+            "iterations_run": self.iterations_run,
+            "wall_time_s": self.wall_time_s,
+            "diverged": self.diverged,
+            "message": self.message,
+            "tensorboard_dir": f"tb/{self.label}",
+        }
+
+
+def estimator_label(estimator: GradientEstimator) -> str:
+    """A readable, filesystem-safe name from ``estimator.describe()``: ``forward_gradient_k1_mean_normal``.
+
+    The seed is left out (runs with different seeds live in different run directories); ``num_tangents``
+    is written ``k<value>``.
+    """
+    info = dict(estimator.describe())
+    name = str(info.pop("estimator", type(estimator).__name__))
+    info.pop("seed", None)
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    parts = [snake] + [f"k{v}" if key == "num_tangents" else str(v) for key, v in info.items()]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", "_".join(parts))
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def optimise(
+    function: TestFunction,
+    estimator: GradientEstimator,
+    start: Tensor,
+    make_optimizer: OptimizerFactory,
+    iterations: int,
+    make_scheduler: Optional[SchedulerFactory] = None,
+    writer: Optional[SummaryWriter] = None,
+    log_every: int = 10,
+    record_path: bool = False,
+    label: str = "",
+    role: str = "",
+    progress: bool = False,
+) -> OptimResult:
+    """Run ``iterations`` optimizer steps on ``function`` from ``start`` with gradients from ``estimator``.
+
+    A non-finite ``f(x_t)`` stops the run: the result is marked ``diverged`` with a message, and its final
+    point/value are the last iterate whose value was finite; what was logged so far stays logged.
+
+    Args:
+        function: the objective, ``f(x)`` for ``x`` of shape ``(dim,)``.
+        estimator: any :class:`GradientEstimator`; called as ``loss, grad = estimator(function, x)``.
+        start: the start point (copied, never modified).
+        make_optimizer: ``params -> torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.Adam, lr=...)``).
+        iterations: number of optimizer steps T.
+        make_scheduler: optional ``optimizer -> LR scheduler``, stepped after every optimizer step.
+        writer: TensorBoard writer for ``loss`` and ``distance_to_minimum`` (every ``log_every`` steps and at
+            the end), or ``None``.
+        log_every: logging period in steps.
+        record_path: keep every iterate (for 2-D trajectory plots).
+        label, role: names carried into the result and the progress bar.
+        progress: show a tqdm bar (only when stderr is a terminal).
+    """
+    x = start.detach().clone()
+    last_finite = x.clone()
+    minima = function.minima_tensor(x.dtype)
+    optimizer = make_optimizer([x])
+    scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
+    path = torch.empty(iterations + 1, x.numel(), dtype=x.dtype) if record_path else None
+    values: List[float] = []
+    message: Optional[str] = None
+    steps = 0
+
+    def distance(point: Tensor) -> float:
+        return float(torch.linalg.vector_norm(point - minima, dim=1).min())
+
+    def log_scalars(t: int, value: float, point: Tensor) -> None:
+        if writer is not None:
+            writer.add_scalar("loss", value, t)
+            writer.add_scalar("distance_to_minimum", distance(point), t)
+
+    def non_finite(t: int, value: float) -> str:
+        if t == 0:
+            return (f"{label}: f(x) = {value} at the start point {start.tolist()}; nothing to optimise. "
+                    "Choose a start where f is finite (function.start=[...]).")
+        return (
+            f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
+            f"The summary keeps the last finite iterate (iteration {t - 1}). Lower learning_rate (the last "
+            f"step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
+            "(gradient.num_tangents) also reduce the variance of its steps."
+        )
+
+    steps_iter = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False,
+                      mininterval=0.5)
+    t0 = time.perf_counter()
+    for t in steps_iter:
+        loss, grad = estimator(function, x)
+        value = float(loss)
+        if not math.isfinite(value):
+            message = non_finite(t, value)
+            break
+        values.append(value)
+        last_finite.copy_(x)
+        if path is not None:
+            path[t] = x
+        if t % log_every == 0:
+            log_scalars(t, value, x)
+        x.grad = grad
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        steps = t + 1
+    else:
+        # All T steps taken: evaluate f(x_T), the point the summary reports.
+        with torch.no_grad():
+            value = float(function(x))
+        if math.isfinite(value):
+            values.append(value)
+            last_finite.copy_(x)
+            if path is not None:
+                path[iterations] = x
+            log_scalars(iterations, value, x)
+        else:
+            message = non_finite(iterations, value)
+    wall = time.perf_counter() - t0
+    steps_iter.close()
+
+    if message is not None:
+        log.warning("%s", message)
+    return OptimResult(
+        label=label,
+        role=role,
+        settings=dict(estimator.describe()),
+        values=values,
+        path=path[: len(values)].numpy() if path is not None else None,
+        final_point=[float(v) for v in last_finite.tolist()],
+        final_value=values[-1] if values else None,
+        distance_to_minimum=_finite_or_none(distance(last_finite)),
+        iterations_run=steps,
+        wall_time_s=wall,
+        diverged=message is not None,
+        message=message,
+    )
+
+
+# -- config handling ---------------------------------------------------------------------------------------
+def _instantiate(node: Any, key: str, expected: Optional[type] = None) -> Any:
+    """``hydra.utils.instantiate`` with a one-paragraph :class:`ConfigError` instead of a traceback."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"`{key}` must be a config node with a `_target_` (see configs/global_optim.yaml), "
+                          f"got {node!r}.")
+    try:
+        obj = instantiate(node)
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ConfigError(f"invalid `{key}` config ({OmegaConf.to_container(node)}): {cause}") from None
+    if expected is not None and not isinstance(obj, expected):
+        raise ConfigError(f"`{key}._target_` must build a {expected.__name__}, got {type(obj).__name__} "
+                          f"from {node._target_!r}.")
+    return obj
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"`{key}` must be an integer >= 1, got {value!r}; e.g. {key}=1000.")
+    return value
+
+
+def _check_config(cfg: DictConfig) -> Tuple[int, int]:
+    missing = [k for k in ("function", "gradient", "optimizer", "iterations") if k not in cfg]
+    if missing:
+        raise ConfigError(f"the config lacks {', '.join(missing)}; compose configs/global_optim.yaml.")
+    iterations = _positive_int(cfg, "iterations")
+    log_every = _positive_int(cfg, "log_every") if "log_every" in cfg else 10
+    lr = cfg.get("learning_rate")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0
+                           or not math.isfinite(lr)):
+        raise ConfigError(f"`learning_rate` must be a finite number > 0, got {lr!r}; e.g. learning_rate=0.01.")
+    return iterations, log_every
+
+
+def _factories(cfg: DictConfig, start: Tensor) -> Tuple[OptimizerFactory, Optional[SchedulerFactory]]:
+    """Instantiate the optimizer/scheduler partials and try them once on a scratch copy of the start."""
+    make_optimizer = _instantiate(cfg.optimizer, "optimizer")
+    make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") is not None else None
+    try:
+        trial = make_optimizer([start.clone()])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"`optimizer` cannot be built ({OmegaConf.to_container(cfg.optimizer)}): {err}. "
+                          "Check the keys under `optimizer` against its arguments (from Adam to SGD: "
+                          "optimizer._target_=torch.optim.SGD ~optimizer.betas) and keep `_partial_: true`.") from None
+    if make_scheduler is not None:
+        try:
+            make_scheduler(trial)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"`scheduler` cannot be built ({OmegaConf.to_container(cfg.scheduler)}): {err}. "
+                              "It must be a partial torch.optim.lr_scheduler (`_partial_: true`), or "
+                              "scheduler=null.") from None
+    return make_optimizer, make_scheduler
+
+
+def _unique(labels: Sequence[str], roles: Sequence[str]) -> List[str]:
+    """Append the role to labels that would otherwise share a TensorBoard directory."""
+    return [f"{lab}_{role}" if labels.count(lab) > 1 else lab for lab, role in zip(labels, roles)]
+
+
+def _output_dir(output_dir: Union[str, Path, None]) -> Path:
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise ConfigError("no output directory: pass output_dir=... or run through global_optim.py "
+                              "(Hydra sets its run directory).")
+        output_dir = HydraConfig.get().runtime.output_dir
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _table(function: TestFunction, results: Sequence[OptimResult]) -> str:
+    width = max(len("estimator"), *(len(r.label) for r in results))
+    head = f"{'estimator':<{width}}  {'final f(x)':>12}  {'distance':>10}  {'steps':>7}  {'time [s]':>8}  status"
+    lines = [f"{type(function).__name__} (dim {function.dim}), minimum f* = {function.min_value:.6g}", head]
+    for r in results:
+        fv = f"{r.final_value:.4e}" if r.final_value is not None else "n/a"
+        dist = f"{r.distance_to_minimum:.3e}" if r.distance_to_minimum is not None else "n/a"
+        status = f"DIVERGED after {r.iterations_run} steps" if r.diverged else "ok"
+        lines.append(f"{r.label:<{width}}  {fv:>12}  {dist:>10}  {r.iterations_run:>7}  "
+                     f"{r.wall_time_s:>8.2f}  {status}")
+    return "\n".join(lines)
+
+
+def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None) -> Dict[str, Any]:
+    """Run the estimator (``cfg.gradient``) and the baseline (``cfg.baseline``) on ``cfg.function``.
+
+    Both start from ``function.start_point()`` in float64, with a fresh optimizer (and scheduler) each, for
+    ``cfg.iterations`` steps. Writes into ``output_dir`` (default: Hydra's run directory):
+
+    * ``tb/<label>/``: TensorBoard scalars ``loss`` and ``distance_to_minimum`` per estimator;
+    * ``summary.json``: the returned summary;
+    * ``loss.png``: ``f(x_t) - f*`` against t, log scale;
+    * ``trajectories.png`` (2-D functions only): contour of ``log(1 + f - f*)`` with both paths.
+
+    Returns the summary: ``{"function": ..., "config": ..., "estimators": {label: {...}}, "all_diverged": ...}``.
+    Raises :class:`ConfigError` (before anything is written) for a config that cannot run.
+    """
+    iterations, log_every = _check_config(cfg)
+    function = _instantiate(cfg.function, "function", TestFunction)
+    roles = ["gradient"] + (["baseline"] if cfg.get("baseline") is not None else [])
+    estimators = [_instantiate(cfg[role], role, GradientEstimator) for role in roles]
+    start = function.start_point(torch.float64)
+    make_optimizer, make_scheduler = _factories(cfg, start)
+    labels = _unique([estimator_label(e) for e in estimators], roles)
+    out = _output_dir(output_dir)
+    record_path = function.dim == 2
+
+    log.info("minimising %s (dim %d) from %s for %d steps; estimators: %s", type(function).__name__,
+             function.dim, [round(v, 6) for v in start.tolist()], iterations, ", ".join(labels))
+    results: List[OptimResult] = []
+    for role, estimator, label in zip(roles, estimators, labels):
+        writer = SummaryWriter(log_dir=str(out / "tb" / label))
+        try:
+            results.append(optimise(
+                function, estimator, start, make_optimizer, iterations, make_scheduler=make_scheduler,
+                writer=writer, log_every=log_every, record_path=record_path, label=label, role=role,
+                progress=bool(cfg.get("progress", False)),
+            ))
+        finally:
+            writer.close()
+
+    summary: Dict[str, Any] = {
+        "function": {
+            "name": type(function).__name__,
+            "dim": function.dim,
+            "start": [float(v) for v in start.tolist()],
+            "minima": function.minima,
+            "min_value": function.min_value,
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "estimators": {r.label: r.summary() for r in results},
+        "all_diverged": all(r.diverged for r in results),
+    }
+    # The summary goes first: a figure that fails to draw must not cost the numbers.
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    title = f"{type(function).__name__}, {iterations} steps, lr {cfg.get('learning_rate')}, seed {cfg.get('seed')}"
+    from fwdgrad.plotting import plot_loss_curves, plot_trajectories  # matplotlib only when needed
+
+    plot_loss_curves({r.label: r.values for r in results}, function.min_value, out / "loss.png", title=title)
+    if record_path:
+        plot_trajectories(function, {r.label: r.path for r in results}, out / "trajectories.png", title=title)
+    log.info("results (%s):\n%s", out, _table(function, results))
+    return summary
