@@ -199,7 +199,7 @@ def test_stopped_column_only_when_a_run_stopped(tmp_path):
 
     runs = [load_run(make_run(tmp_path / "a", k=1)), load_run(make_run(tmp_path / "b", k=2))]
     label_runs(runs)
-    assert "stopped" not in markdown_table(runs)
+    assert "| stopped |" not in markdown_table(runs)
     runs.append(load_run(make_run(tmp_path / "c", k=3, stopped="diverged: loss is nan")))
     label_runs(runs)
     table = markdown_table(runs)
