@@ -446,7 +446,14 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
             from None
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
-    df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples))
+    threads_before = torch.get_num_threads()
+    num_threads = cfg.get("num_threads")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    try:
+        df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples))
+    finally:
+        torch.set_num_threads(threads_before)
     if df.empty:
         raise AnalysisConfigError("no combination of source, distribution and aggregation could be measured.")
     output_dir.mkdir(parents=True, exist_ok=True)
