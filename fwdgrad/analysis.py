@@ -1,0 +1,469 @@
+"""How good is a forward gradient? Cosine similarity and norm ratio against the true gradient.
+
+For a fixed "true" gradient ``a`` (dimension n) we draw many forward-gradient estimates ``g`` with the project's
+own :class:`~fwdgrad.ForwardGradient` and record
+
+* the cosine similarity ``cos(g, a) = <g, a> / (|g| |a|)`` (the direction: what an optimizer step follows), and
+* the norm ratio ``|g| / |a|`` (the step length it implies),
+
+for every number of tangents k, aggregation and tangent distribution.
+
+The estimator sees the linear loss ``f(p) = <a, p>``, whose gradient is ``a`` everywhere, so each directional
+derivative ``jvp`` returns ``<a, v>`` exactly. A forward gradient depends on the loss only through these
+directional derivatives, so the estimates are the same (up to rounding) as those for any loss whose gradient
+at the evaluation point is ``a``: the gradient of the MLP's MNIST loss, say, costs one backward pass to obtain
+and nothing more afterwards.
+
+Theory for Gaussian tangents (every distribution of ``B`` below is rotation invariant, so WLOG ``a = e_1``):
+
+* projection onto ``span(B)``, ``B`` an ``n x k`` Gaussian matrix: the span is a uniformly random k-dimensional
+  subspace, so ``cos^2`` is the squared length of a uniform unit vector's projection onto k coordinates,
+  ``cos^2 ~ Beta(k/2, (n-k)/2)``: ``E[cos^2] = k/n`` and ``E[cos] ~ sqrt(k/n)`` (exactly 1 at k = n).
+  ``|g| = |a| cos`` since ``g`` is an orthogonal projection of ``a``.
+* mean (and sum, which is the same direction k times longer): ``g = (1/k) B u`` with ``u = B^T a``, the first
+  row of ``B``. Then ``g_1 = |u|^2`` and, given ``u``, ``g_j = <b_j, u> ~ N(0, |u|^2)`` independently for
+  ``j >= 2``, so with ``Q = |u|^2 ~ chi2_k`` and ``X ~ chi2_{n-1}`` independent,
+  ``cos^2 = Q / (Q + X) ~ Beta(k/2, (n-1)/2)``: ``E[cos^2] = k/(n+k-1)``, the projection's law in dimension
+  ``n + k - 1``. It approaches 1 only as k grows far beyond n.
+  ``E[|g|^2] / |a|^2 = (n + k + 1) / k`` (``E[d^2 |v|^2] = (n+2)|a|^2`` for one tangent, cross terms ``|a|^2``).
+
+For ``cos^2 ~ Beta(alpha, beta)``: ``E[cos] = E[sqrt(cos^2)] = B(alpha + 1/2, beta) / B(alpha, beta)`` and
+``Var[cos^2] = alpha beta / ((alpha+beta)^2 (alpha+beta+1))``; the tests derive their tolerances from these.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+
+from fwdgrad.estimators import ForwardGradient, LossFn, Params
+
+__all__ = [
+    "AnalysisConfigError",
+    "GradientSource",
+    "QualitySamples",
+    "gaussian_gradients",
+    "linear_loss",
+    "flatten_params",
+    "cos2_beta_parameters",
+    "expected_cosine",
+    "expected_cos2",
+    "cos2_variance",
+    "expected_norm_ratio_sq",
+    "sample_quality",
+    "approx_quality_table",
+    "plot_cosine_vs_k",
+    "plot_norm_ratio_vs_k",
+    "run_approx_quality",
+]
+
+log = logging.getLogger(__name__)
+
+#: What a source factory returns: ``(name, true gradient)`` pairs, the gradient a Tensor or a dict of Tensors
+#: shaped like a model's parameters (structured tangents, e.g. for weight matrices, see those shapes).
+GradientSource = list[tuple[str, Params]]
+#: ``make_estimator(num_tangents, aggregation, distribution) -> ForwardGradient``
+EstimatorFactory = Callable[[int, str, str], ForwardGradient]
+
+QUANTILES = (0.05, 0.5, 0.95)
+_SPLITTING_AGGREGATIONS = ("mean", "sum")  # same direction, sum = k * mean
+
+
+class AnalysisConfigError(ValueError):
+    """A user error in the approximation-quality configuration (message says how to fix it)."""
+
+
+# -- sources ----------------------------------------------------------------------------------------------
+def gaussian_gradients(dims: Sequence[int], seed: int = 0, dtype: str = "float32") -> GradientSource:
+    """Random "true gradients" ``a ~ N(0, I_n)``, one flat vector per ``n`` in ``dims``.
+
+    The vectors are drawn from a generator seeded with ``(seed, n)`` mixed by ``numpy.random.SeedSequence``,
+    never with ``seed`` itself: the estimator's generator *is* seeded with ``seed``, and a tangent equal to the
+    gradient would report a cosine of 1.
+    """
+    torch_dtype = getattr(torch, str(dtype), None)
+    if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        raise AnalysisConfigError(
+            f"source.dtype must name a torch floating-point dtype (float32, float64), got {dtype!r}."
+        )
+    out: GradientSource = []
+    for n in dims:
+        if not isinstance(n, int) or n < 1:
+            raise AnalysisConfigError(f"source.dims must be positive integers (vector dimensions), got {n!r}.")
+        state = np.random.SeedSequence([int(seed), int(n)]).generate_state(1)[0]
+        gen = torch.Generator().manual_seed(int(state))
+        out.append((f"gaussian n={n}", torch.randn(n, generator=gen, dtype=torch.float64).to(torch_dtype)))
+    return out
+
+
+def _normalise_source(source: Any) -> GradientSource:
+    """Accept a list of ``(name, params)`` pairs or a ``{name: params}`` mapping from a source factory."""
+    items: Iterable[Any] = source.items() if isinstance(source, Mapping) else source
+    out: GradientSource = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise AnalysisConfigError(
+                "a gradient source must return (name, gradient) pairs or a {name: gradient} mapping, got an "
+                f"element of type {type(item).__name__}; fix the factory named by source._target_."
+            )
+        out.append((item[0], item[1]))
+    if not out:
+        raise AnalysisConfigError("the gradient source returned no gradients; check the source config.")
+    return out
+
+
+# -- the loss and flattening ---------------------------------------------------------------------------------
+def _as_dict(p: Params) -> dict[str, Tensor]:
+    return {"": p} if isinstance(p, Tensor) else dict(p)
+
+
+def flatten_params(p: Params) -> Tensor:
+    """Concatenate a Tensor or a dict of Tensors into one flat vector (dict order)."""
+    return torch.cat([t.reshape(-1) for t in _as_dict(p).values()])
+
+
+def linear_loss(grad: Params) -> LossFn:
+    """``f(p) = <grad, p>`` summed over all tensors: its gradient is ``grad`` exactly, at every ``p``."""
+    single = isinstance(grad, Tensor)
+    g = _as_dict(grad)
+
+    def loss(p: Params) -> Tensor:
+        pd_ = {"": p} if single else p
+        return sum((g[name] * pd_[name]).sum() for name in g)
+
+    return loss
+
+
+# -- theory for Gaussian tangents ------------------------------------------------------------------------------
+def cos2_beta_parameters(aggregation: str, n: int, k: int) -> tuple[float, float]:
+    """``(alpha, beta)`` with ``cos^2 ~ Beta(alpha, beta)`` for Gaussian tangents (module docstring)."""
+    if aggregation == "projection":
+        if k > n:
+            raise ValueError(f"projection needs k <= n, got k={k}, n={n}.")
+        return k / 2, (n - k) / 2
+    if aggregation in _SPLITTING_AGGREGATIONS:
+        return k / 2, (n - 1) / 2
+    raise ValueError(f"no Gaussian-tangent theory for aggregation {aggregation!r}.")
+
+
+def expected_cos2(aggregation: str, n: int, k: int) -> float:
+    """``E[cos^2]`` for Gaussian tangents: k/n (projection), k/(n+k-1) (mean, sum)."""
+    a, b = cos2_beta_parameters(aggregation, n, k)
+    return a / (a + b)
+
+
+def cos2_variance(aggregation: str, n: int, k: int) -> float:
+    """``Var[cos^2]`` for Gaussian tangents (Beta variance; projection: k(n-k) / (n^2 (n/2+1)))."""
+    a, b = cos2_beta_parameters(aggregation, n, k)
+    return a * b / ((a + b) ** 2 * (a + b + 1))
+
+
+def expected_cosine(aggregation: str, n: int, k: int) -> float:
+    """``E[cos]`` for Gaussian tangents: ``B(alpha+1/2, beta) / B(alpha, beta)`` with cos^2 ~ Beta(alpha, beta).
+
+    The beta-function ratio is ``G(alpha+1/2) G(alpha+beta) / (G(alpha) G(alpha+beta+1/2))`` (G = Gamma), which
+    does not involve ``G(beta)`` and is therefore also right (= 1) in the degenerate case beta = 0 (k = n for
+    projection, n = 1 for mean).
+    """
+    a, b = cos2_beta_parameters(aggregation, n, k)
+    return math.exp(math.lgamma(a + 0.5) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(a + b + 0.5))
+
+
+def expected_norm_ratio_sq(aggregation: str, n: int, k: int) -> float:
+    """``E[|g|^2] / |a|^2`` for Gaussian tangents: k/n (projection), (n+k+1)/k (mean), k(n+k+1) (sum)."""
+    if aggregation == "projection":
+        return expected_cos2("projection", n, k)
+    if aggregation == "mean":
+        return (n + k + 1) / k
+    if aggregation == "sum":
+        return k * (n + k + 1)
+    raise ValueError(f"no Gaussian-tangent theory for aggregation {aggregation!r}.")
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+@dataclass
+class QualitySamples:
+    """Per-draw cosine similarities and norm ratios ``|g|/|a|`` (arrays of length M)."""
+
+    cosine: np.ndarray
+    norm_ratio: np.ndarray
+
+
+def sample_quality(
+    make_estimator: EstimatorFactory,
+    grad: Params,
+    num_tangents: int,
+    distribution: str,
+    aggregations: Sequence[str],
+    num_samples: int,
+) -> dict[str, QualitySamples]:
+    """Draw ``num_samples`` estimates of ``grad`` per aggregation, with common tangents across aggregations.
+
+    One estimator per aggregation is built with the same seed, so each would draw the same tangents; we draw
+    them once per sample with the estimator's own stages (``sample_tangents`` and ``directional_derivatives``,
+    exactly what ``est(loss_fn, params)`` runs) and hand the same tangents and derivatives to every
+    aggregation's ``aggregate``. The result equals calling each estimator ``num_samples`` times (a test checks
+    this), at a third of the cost, and the comparison between aggregations is a paired one.
+    """
+    if not aggregations:
+        return {}
+    estimators = {agg: make_estimator(num_tangents, agg, distribution) for agg in aggregations}
+    sampler = estimators[aggregations[0]]
+    loss_fn = linear_loss(grad)
+    single = isinstance(grad, Tensor)
+    params = {name: torch.zeros_like(t) for name, t in _as_dict(grad).items()}
+    a = flatten_params(grad).double()
+    a_norm = float(a.norm())
+    if a_norm == 0:
+        raise AnalysisConfigError("the true gradient is zero: cosine similarity is undefined; check the source.")
+    cos = {agg: np.empty(num_samples) for agg in aggregations}
+    ratio = {agg: np.empty(num_samples) for agg in aggregations}
+    for m in range(num_samples):
+        tangents = sampler.sample_tangents(params)
+        _, d = sampler.directional_derivatives(loss_fn, params, tangents, single)
+        for agg, est in estimators.items():
+            g = flatten_params(est.aggregate(tangents, d)).double()
+            g_norm = float(g.norm())
+            cos[agg][m] = float(g @ a) / (g_norm * a_norm) if g_norm > 0 else 0.0
+            ratio[agg][m] = g_norm / a_norm
+    return {agg: QualitySamples(cos[agg], ratio[agg]) for agg in aggregations}
+
+
+def _summary(prefix: str, x: np.ndarray) -> dict[str, float]:
+    q = np.quantile(x, QUANTILES)
+    out = {f"{prefix}_mean": float(x.mean()), f"{prefix}_std": float(x.std(ddof=1)) if x.size > 1 else 0.0}
+    out.update({f"{prefix}_q{int(round(p * 100)):02d}": float(v) for p, v in zip(QUANTILES, q)})
+    return out
+
+
+def approx_quality_table(
+    source: GradientSource,
+    make_estimator: EstimatorFactory,
+    num_tangents: Sequence[int],
+    aggregations: Sequence[str],
+    distributions: Sequence[str],
+    num_samples: int,
+) -> pd.DataFrame:
+    """One row per (source gradient, distribution, aggregation, k): cosine and norm-ratio statistics.
+
+    Projection is skipped where k > n (k = n is already exact). A tangent distribution that does not apply to
+    a source (the estimator raises ``ValueError``, e.g. structured tangents on a flat vector) is skipped for
+    that source with a warning. The ``*_gaussian`` columns are the exact expectations for Gaussian tangents.
+    """
+    rows: list[dict[str, Any]] = []
+    for name, grad in source:
+        n = int(flatten_params(grad).numel())
+        for dist in distributions:
+            for k in num_tangents:
+                aggs = [a for a in aggregations if not (a == "projection" and k > n)]
+                try:
+                    samples = sample_quality(make_estimator, grad, k, dist, aggs, num_samples)
+                except ValueError as e:
+                    if isinstance(e, AnalysisConfigError):
+                        raise
+                    log.warning("%s: skipping tangent distribution %r (%s)", name, dist, e)
+                    break
+                for agg, s in samples.items():
+                    row: dict[str, Any] = {
+                        "source": name, "n": n, "distribution": dist, "aggregation": agg, "k": k,
+                        "samples": num_samples,
+                    }
+                    row.update(_summary("cos", s.cosine))
+                    row.update(_summary("ratio", s.norm_ratio))
+                    try:
+                        row["cos_expected_gaussian"] = expected_cosine(agg, n, k)
+                        row["ratio_rms_expected_gaussian"] = math.sqrt(expected_norm_ratio_sq(agg, n, k))
+                    except ValueError:
+                        row["cos_expected_gaussian"] = row["ratio_rms_expected_gaussian"] = float("nan")
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- figures --------------------------------------------------------------------------------------------------
+_AGG_COLORS = {"mean": "tab:blue", "sum": "tab:orange", "projection": "tab:green"}
+_DIST_STYLES = ["-", "--", ":", "-."]
+
+
+def _panels(df: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(dict.fromkeys(df["source"]))
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources), 4.0), squeeze=False)
+    return plt, fig, sources, axes[0]
+
+
+def _finish(plt, fig, axes, path: Path) -> None:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _style(df: pd.DataFrame):
+    dists = list(dict.fromkeys(df["distribution"]))
+    colors = {a: _AGG_COLORS.get(a, f"C{i + 3}") for i, a in enumerate(dict.fromkeys(df["aggregation"]))}
+    return colors, {d: _DIST_STYLES[i % len(_DIST_STYLES)] for i, d in enumerate(dists)}
+
+
+def plot_cosine_vs_k(df: pd.DataFrame, path: Path) -> None:
+    """Mean cosine similarity against k (log-log), a line per aggregation and distribution, a panel per source.
+
+    The spread of the draws (std, 5/50/95 % quantiles) is in the CSV. Black lines: the exact ``E[cos]`` for Gaussian tangents
+    (projection dotted, mean/sum dash-dotted); grey: ``sqrt(k/n)``. Mean and sum coincide (same direction).
+    """
+    plt, fig, sources, axes = _panels(df)
+    colors, styles = _style(df)
+    for ax, src in zip(axes, sources):
+        sub = df[df["source"] == src]
+        n = int(sub["n"].iloc[0])
+        for (agg, dist), line in sub.groupby(["aggregation", "distribution"], sort=False):
+            line = line.sort_values("k")
+            width = 2.6 if agg == "sum" else 1.6  # sum lies under mean: draw it wider so both show
+            ax.plot(line["k"], line["cos_mean"], styles[dist], color=colors[agg], lw=width, marker="o", ms=3,
+                    alpha=0.85, label=f"{agg}, {dist}", zorder=2 if agg == "sum" else 3)
+        ks = np.unique(np.geomspace(1, max(int(sub["k"].max()), 1), 200).round().astype(int))
+        kp = ks[ks <= n]
+        ax.plot(kp, np.sqrt(kp / n), color="0.5", lw=1.0, label="√(k/n)", zorder=1)
+        if "projection" in set(sub["aggregation"]):
+            ax.plot(kp, [expected_cosine("projection", n, int(k)) for k in kp], ":", color="k", lw=1.2,
+                    label="E[cos] projection, Gaussian")
+        if set(sub["aggregation"]) & set(_SPLITTING_AGGREGATIONS):
+            ax.plot(ks, [expected_cosine("mean", n, int(k)) for k in ks], "-.", color="k", lw=1.0,
+                    label="E[cos] mean/sum, Gaussian")
+        ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="cosine similarity to true gradient",
+               title=f"{src} (n={n})" if f"n={n}" not in src else src)
+        ax.set_ylim(top=1.15)
+        ax.grid(True, which="both", alpha=0.25)
+    _finish(plt, fig, axes, path)
+
+
+def plot_norm_ratio_vs_k(df: pd.DataFrame, path: Path) -> None:
+    """Mean norm ratio ``|g|/|a|`` against k (log-log), with the Gaussian-tangent RMS ratio in black."""
+    plt, fig, sources, axes = _panels(df)
+    colors, styles = _style(df)
+    for ax, src in zip(axes, sources):
+        sub = df[df["source"] == src]
+        for (agg, dist), line in sub.groupby(["aggregation", "distribution"], sort=False):
+            line = line.sort_values("k")
+            ax.plot(line["k"], line["ratio_mean"], styles[dist], color=colors[agg], marker="o", ms=3,
+                    label=f"{agg}, {dist}")
+        theory = sub.drop_duplicates(["aggregation", "k"]).sort_values("k")
+        for i, (agg, t) in enumerate(theory.groupby("aggregation", sort=False)):
+            ax.plot(t["k"], t["ratio_rms_expected_gaussian"], ":", color="k", lw=1.0,
+                    label="√E[|g|²]/|a|, Gaussian" if i == 0 else None)
+        ax.axhline(1.0, color="0.6", lw=0.8)
+        ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="|g| / |true gradient|", title=src)
+        ax.grid(True, which="both", alpha=0.25)
+    _finish(plt, fig, axes, path)
+
+
+# -- the experiment -----------------------------------------------------------------------------------------
+def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
+    """Build estimators from the ``gradient`` config group, overriding k, aggregation and distribution."""
+
+    def make(num_tangents: int, aggregation: str, distribution: str) -> ForwardGradient:
+        try:
+            est = instantiate(gradient_cfg, num_tangents=int(num_tangents), aggregation=aggregation,
+                              distribution=distribution)
+        except InstantiationException as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise AnalysisConfigError(
+                f"could not build the estimator from the `gradient` config with num_tangents={num_tangents}, "
+                f"aggregation={aggregation!r}, distribution={distribution!r}: {cause}. The analysis needs a "
+                "forward-gradient estimator (gradient=forward) and aggregations/distributions it accepts."
+            ) from None
+        if not isinstance(est, ForwardGradient):
+            raise AnalysisConfigError(
+                f"the `gradient` config built a {type(est).__name__}, but the analysis draws forward-gradient "
+                "estimates: use gradient=forward (or another ForwardGradient)."
+            )
+        return est
+
+    return make
+
+
+def _log_table(df: pd.DataFrame) -> None:
+    """Log mean cosine per (source, k) and (distribution, aggregation), next to the Gaussian expectation."""
+    table = df.pivot_table(index=["source", "k"], columns=["distribution", "aggregation"], values="cos_mean",
+                           sort=False)
+    table.columns = [f"{d}/{a}" for d, a in table.columns]
+    if "projection" in set(df["aggregation"]):
+        exp = df[df["aggregation"] == "projection"].drop_duplicates(["source", "k"])
+        table["E[cos] proj"] = exp.set_index(["source", "k"])["cos_expected_gaussian"]
+    exp = df[df["aggregation"].isin(_SPLITTING_AGGREGATIONS)].drop_duplicates(["source", "k"])
+    if len(exp):
+        table["E[cos] mean"] = exp.set_index(["source", "k"])["cos_expected_gaussian"]
+    log.info("mean cosine similarity to the true gradient (E[...]: exact, Gaussian tangents):\n%s",
+             table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
+
+
+def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, float]:
+    """Run the approximation-quality experiment of ``configs/approx_quality.yaml``.
+
+    Writes ``approx_quality.csv``, ``cosine_vs_k.png`` and ``norm_ratio_vs_k.png`` into ``output_dir``
+    (default: Hydra's run directory) and returns the mean cosine of every row, keyed
+    ``cos/<source>/<distribution>/<aggregation>/k=<k>``.
+    """
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+    output_dir = Path(output_dir)
+    ks = [int(k) for k in cfg.num_tangents]
+    if not ks or min(ks) < 1:
+        raise AnalysisConfigError(f"num_tangents must be a non-empty list of integers >= 1, got {ks}.")
+    if int(cfg.num_samples) < 2:
+        raise AnalysisConfigError(f"num_samples must be >= 2 (spread needs two draws), got {cfg.num_samples}.")
+    aggregations = list(cfg.aggregations)
+    distributions = list(cfg.distributions)
+    make = _estimator_factory(cfg.gradient)
+    for agg in aggregations:  # fail fast on a typo, before any work
+        for dist in distributions:
+            make(1, agg, dist)
+    try:
+        source = _normalise_source(instantiate(cfg.source))
+    except InstantiationException as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        if isinstance(cause, AnalysisConfigError):
+            raise cause from None
+        raise AnalysisConfigError(f"could not build the gradient source ({cfg.source.get('_target_')}): {cause}") \
+            from None
+    log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
+
+    threads_before = torch.get_num_threads()
+    num_threads = cfg.get("num_threads")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    try:
+        df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples))
+    finally:
+        torch.set_num_threads(threads_before)
+    if df.empty:
+        raise AnalysisConfigError("no combination of source, distribution and aggregation could be measured.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    df.to_csv(output_dir / "approx_quality.csv", index=False)
+    plot_cosine_vs_k(df, output_dir / "cosine_vs_k.png")
+    plot_norm_ratio_vs_k(df, output_dir / "norm_ratio_vs_k.png")
+    _log_table(df)
+    log.info("wrote %s", ", ".join(str(output_dir / f) for f in
+                                   ("approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png")))
+    return {
+        f"cos/{r.source}/{r.distribution}/{r.aggregation}/k={r.k}": float(r.cos_mean)
+        for r in df.itertuples(index=False)
+    }

@@ -1,0 +1,449 @@
+"""Side-by-side comparison of training runs: one figure, one markdown table, runs labelled by their configs.
+
+A run directory is what the MNIST training scripts write (the contract this module reads)::
+
+    <run>/.hydra/config.yaml   the composed config (gradient, optimization, dataset, model, seed, ...)
+    <run>/metrics.json         final_test_accuracy, best_test_accuracy, final_test_loss, final_train_loss, steps,
+                               epochs_completed, wall_time_s, step_time_ms, peak_memory_mb (may be null),
+                               stopped, estimator ({"estimator": ..., settings}), dataset, model, device
+    <run>/history.csv          step, epoch, wall_time_s, train/loss, train/accuracy, test/loss, test/accuracy,
+                               lr, time/step_ms (empty cells where a value was not logged at that step)
+
+``metrics.json`` is written when training ends, so a directory holds a finished run exactly when it holds
+that file; sweeps (``-m``) hold one run per numbered sub-directory and are found by searching recursively.
+
+Runs are labelled by what differs among the compared configs: the configs are flattened to dotted keys and
+the keys whose values are not all equal make up the labels (``gradient=ForwardGradient k=4 lr=0.001``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+__all__ = [
+    "RunDirError",
+    "Run",
+    "find_run_dirs",
+    "load_run",
+    "flatten_config",
+    "differing_keys",
+    "label_runs",
+    "default_run_dirs",
+    "markdown_table",
+    "curve",
+    "plot_comparison",
+    "compare_runs",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+HISTORY_FILE = "history.csv"
+#: Short names for the keys researchers vary most; other keys are named by their shortest unique suffix.
+KEY_ALIASES = {
+    "gradient": "gradient",
+    "gradient.num_tangents": "k",
+    "gradient.aggregation": "agg",
+    "gradient.distribution": "tangents",
+    "optimization.learning_rate": "lr",
+}
+_RUN_HELP = (
+    "A run directory is what mnist_fwdgrad.py / mnist_backprop.py write when training ends "
+    "(outputs/mnist/<timestamp>_<name>/, or one numbered sub-directory per job of a -m sweep) and holds "
+    f"{METRICS_FILE}, {HISTORY_FILE} and {CONFIG_FILE}. Pass such a directory or any parent of several; a run "
+    f"that was interrupted has no {METRICS_FILE} yet."
+)
+
+
+class RunDirError(ValueError):
+    """A user error about run directories; the message is one paragraph that says how to fix it."""
+
+
+@dataclass
+class Run:
+    """One finished training run, as read from its directory."""
+
+    path: Path
+    config: dict[str, Any]  #: flattened config, dotted keys (interpolations that copy another key dropped)
+    metrics: dict[str, Any]
+    history: pd.DataFrame
+    label: str = field(default="")
+
+
+# -- finding and reading runs --------------------------------------------------------------------------------
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run directory in or below ``paths`` (a directory counts when it holds ``metrics.json``).
+
+    Raises :class:`RunDirError` for a path that does not exist or holds no run. Duplicates (a run given
+    directly and through its parent) are listed once, in the order first found; runs found below one parent
+    are sorted by path, so a sweep's jobs stay in order (numerically: 2 before 10).
+    """
+    found: dict[Path, None] = {}
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise RunDirError(f"{p} does not exist. {_RUN_HELP}")
+        if p.is_file():
+            p = p.parent if p.name == METRICS_FILE else p
+            if not p.is_dir():
+                raise RunDirError(f"{raw} is a file, not a run directory. {_RUN_HELP}")
+        runs = [m.parent for m in p.rglob(METRICS_FILE)] if not (p / METRICS_FILE).is_file() else [p]
+        if not runs:
+            raise RunDirError(f"{p} holds no run: no {METRICS_FILE} was found in it or below it. {_RUN_HELP}")
+        for r in sorted(runs, key=_natural_key):
+            found.setdefault(r.resolve(), None)
+    return list(found)
+
+
+def _natural_key(p: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in p.parts]
+
+
+def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a (possibly unresolved) config to ``{"dotted.key": value}``.
+
+    A value that is an interpolation of another config key (``seed: ${seed}`` under ``gradient``) is dropped:
+    it only repeats the key it points to, which is compared in its own right. Interpolations that cannot be
+    resolved outside the original run (``${hydra:...}``, ``${now:...}``) are kept as their text. Lists are
+    kept as one value.
+    """
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.create(cfg)
+    out: dict[str, Any] = {}
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(cfg, key):
+            node_text = str(raw[key])
+            if _refers_to_config_key(node_text):
+                continue
+            try:
+                value = cfg[key]
+            except Exception:  # a resolver unavailable here (hydra:, now:, ...): keep the text
+                value = node_text
+        else:
+            value = cfg[key]
+        if isinstance(value, DictConfig):
+            out.update(flatten_config(value, prefix=f"{dotted}."))
+        elif isinstance(value, ListConfig):
+            out[dotted] = _to_plain(value)
+        else:
+            out[dotted] = value
+    return out
+
+
+def _to_plain(value: ListConfig) -> Any:
+    try:
+        return OmegaConf.to_container(value, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(value, resolve=False)
+
+
+def _refers_to_config_key(text: str) -> bool:
+    """``${a.b}`` / ``${..x}`` (a plain node reference), as opposed to ``${resolver:...}`` or a string with text."""
+    t = text.strip()
+    return t.startswith("${") and t.endswith("}") and t.count("${") == 1 and ":" not in t
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run directory (see the module docstring); :class:`RunDirError` names what is wrong."""
+    path = Path(path)
+    try:
+        metrics = json.loads((path / METRICS_FILE).read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"{path} holds no {METRICS_FILE}, so it is not a finished run. {_RUN_HELP}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path / METRICS_FILE} is not valid JSON ({e}); the run may have been interrupted "
+                          "while writing it. Re-run it or leave it out of the comparison.") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path / METRICS_FILE} holds a {type(metrics).__name__}, not a JSON object. {_RUN_HELP}")
+    cfg_path = path / CONFIG_FILE
+    try:
+        config = flatten_config(OmegaConf.load(cfg_path))
+    except FileNotFoundError:
+        raise RunDirError(f"{path} has {METRICS_FILE} but no {CONFIG_FILE}, which labels the run; it was not "
+                          f"written by a Hydra training script, or the folder was copied without its hidden "
+                          f".hydra/ directory. {_RUN_HELP}") from None
+    except Exception as e:  # malformed YAML
+        raise RunDirError(f"{cfg_path} could not be read as a config ({e}).") from None
+    hist_path = path / HISTORY_FILE
+    if hist_path.is_file():
+        try:
+            history = pd.read_csv(hist_path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            log.warning("%s could not be read (%s): the run has no curves", hist_path, e)
+            history = pd.DataFrame()
+    else:
+        log.warning("%s has no %s: the run appears in the table but not in the figure", path, HISTORY_FILE)
+        history = pd.DataFrame()
+    return Run(path=path, config=config, metrics=metrics, history=history)
+
+
+def default_run_dirs(roots: Sequence[str | Path] = ("outputs", "multirun")) -> list[Path]:
+    """The newest run of each estimator (``gradient._target_``) under ``roots``: by default the newest
+    forward-gradient run and the newest backprop run. Newest means the latest ``metrics.json``."""
+    existing = [Path(r) for r in roots if Path(r).is_dir()]
+    metrics_files = [m for r in existing for m in r.rglob(METRICS_FILE)]
+    if not metrics_files:
+        where = " or ".join(f"{r}/" for r in roots)
+        raise RunDirError(
+            f"no finished run found under {where} (no {METRICS_FILE}). Train one forward-gradient and one "
+            "backprop run first (python mnist_fwdgrad.py; python mnist_backprop.py), or pass run directories: "
+            "python compare.py outputs/mnist/<run> multirun/<sweep>/. " + _RUN_HELP
+        )
+    newest: dict[str, tuple[float, Path]] = {}
+    for m in metrics_files:
+        run = m.parent
+        try:
+            target = str(flatten_config(OmegaConf.load(run / CONFIG_FILE)).get("gradient._target_", "?"))
+        except Exception:
+            continue  # unreadable runs are not candidates for the default choice
+        mtime = m.stat().st_mtime
+        if target not in newest or mtime > newest[target][0]:
+            newest[target] = (mtime, run)
+    if not newest:
+        raise RunDirError(f"runs were found under {', '.join(map(str, existing))} but none has a readable "
+                          f"{CONFIG_FILE}. {_RUN_HELP}")
+    return [newest[t][1].resolve() for t in sorted(newest)]
+
+
+# -- labels ----------------------------------------------------------------------------------------------------
+def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose values are not the same in every config (a key absent from some configs differs)."""
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    out = []
+    for k in keys:
+        # JSON text compares lists and scalars by value (1 and 1.0 stay distinct from "1"); None marks absence
+        values = {json.dumps(c[k], sort_keys=True, default=repr) if k in c else None for c in configs}
+        if len(values) > 1:
+            out.append(k)
+    return out
+
+
+def _key_name(key: str, all_keys: Sequence[str]) -> str:
+    """Alias, else the shortest dotted suffix that is unique among ``all_keys`` (``._target_`` dropped)."""
+    base = key[: -len("._target_")] if key.endswith("._target_") else key
+    if base in KEY_ALIASES:
+        return KEY_ALIASES[base]
+    bases = [k[: -len("._target_")] if k.endswith("._target_") else k for k in all_keys]
+    parts = base.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        suffix = ".".join(parts[i:])
+        if sum(1 for b in bases if b == suffix or b.endswith("." + suffix)) == 1:
+            return suffix
+    return base
+
+
+def _fmt_value(key: str, value: Any) -> str:
+    if key.endswith("_target_") and isinstance(value, str):
+        return value.rsplit(".", 1)[-1]  # fwdgrad.ForwardGradient -> ForwardGradient
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ",".join(_fmt_value("", v) for v in value) + "]"
+    return str(value)
+
+
+def _key_order(key: str) -> int:
+    """Aliased keys first, in the order of :data:`KEY_ALIASES`; the sort is stable for the rest."""
+    base = key[: -len("._target_")] if key.endswith("._target_") else key
+    priority = list(KEY_ALIASES)
+    return priority.index(base) if base in priority else len(priority)
+
+
+def label_runs(runs: Sequence[Run]) -> list[str]:
+    """Label each run by the config keys whose values differ among ``runs`` (and set ``run.label``).
+
+    Keys absent from a run are left out of its label. Runs whose configs are identical (repeats) get their
+    directory name appended, the only case where a directory name appears.
+    """
+    keys = differing_keys([r.config for r in runs])
+    keys = sorted(keys, key=_key_order)  # stable: otherwise config order
+    labels = []
+    for r in runs:
+        parts = [f"{_key_name(k, keys)}={_fmt_value(k, r.config[k])}" for k in keys if k in r.config]
+        labels.append(" ".join(parts))
+    if not any(labels):  # one run, or only identical configs: fall back to the estimator
+        labels = [_estimator_text(r.metrics) or r.path.name for r in runs]
+    counts = pd.Series(labels).value_counts()
+    labels = [f"{lab} ({r.path.name})" if counts[lab] > 1 else lab for lab, r in zip(labels, runs)]
+    for r, lab in zip(runs, labels):
+        r.label = lab
+    return labels
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+def _estimator_text(metrics: dict[str, Any]) -> str:
+    est = metrics.get("estimator")
+    if not isinstance(est, dict):
+        return "" if est is None else str(est)
+    name = est.get("estimator", "?")
+    settings = ", ".join(f"{k}={v}" for k, v in est.items() if k != "estimator")
+    return f"{name} ({settings})" if settings else str(name)
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or isinstance(value, bool):
+        return "n/a" if value is None else str(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "n/a" if math.isnan(v) else format(v, fmt)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+TABLE_COLUMNS = ("run", "final test acc", "best test acc", "final train loss", "steps", "epochs",
+                 "time/step (ms)", "wall time (s)", "peak memory (MB)", "estimator", "stopped", "directory")
+
+
+def markdown_table(runs: Sequence[Run], relative_to: Path | None = None) -> str:
+    """A markdown table, one row per run (labels from :func:`label_runs`)."""
+    rows = []
+    for r in runs:
+        m = r.metrics
+        path = r.path
+        if relative_to is not None:
+            try:
+                path = r.path.relative_to(relative_to.resolve())
+            except ValueError:
+                pass
+        stopped = m.get("stopped")
+        rows.append([
+            r.label, _num(m.get("final_test_accuracy"), ".4f"), _num(m.get("best_test_accuracy"), ".4f"),
+            _num(m.get("final_train_loss"), ".4f"), _num(m.get("steps"), ".0f"),
+            _num(m.get("epochs_completed"), "g"), _num(m.get("step_time_ms"), ".2f"),
+            _num(m.get("wall_time_s"), ".1f"), _num(m.get("peak_memory_mb"), ".1f"), _estimator_text(m),
+            "" if stopped in (None, False, "") else str(stopped), str(path),
+        ])
+    columns = list(TABLE_COLUMNS)
+    stop_col = columns.index("stopped")
+    if not any(row[stop_col] for row in rows):  # the column only when some run stopped early
+        columns.pop(stop_col)
+        rows = [row[:stop_col] + row[stop_col + 1:] for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- the figure ------------------------------------------------------------------------------------------------
+PANELS = (("step", "train/loss", "train loss", "step"),
+          ("wall_time_s", "train/loss", "train loss", "wall-clock time (s)"),
+          ("step", "test/accuracy", "test accuracy", "step"))
+
+
+def curve(run: Run, x: str, y: str) -> pd.DataFrame:
+    """Columns ``x`` and ``y`` of the run's history where both are logged (empty cells dropped)."""
+    if x not in run.history or y not in run.history:
+        return pd.DataFrame(columns=[x, y])
+    return run.history[[x, y]].apply(pd.to_numeric, errors="coerce").dropna()
+
+
+def plot_comparison(runs: Sequence[Run], path: Path) -> None:
+    """Train loss vs step, train loss vs wall-clock time, test accuracy vs step; one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 4.0))
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, r in enumerate(runs):
+        color = cmap(i % cmap.N)
+        for ax, (x, y, _, _) in zip(axes, PANELS):
+            data = curve(r, x, y)
+            if data.empty:
+                continue
+            sparse = len(data) <= 30  # evaluations: show the points
+            ax.plot(data[x], data[y], color=color, lw=1.3, marker="o" if sparse else None, ms=3,
+                    label=r.label if ax is axes[0] else None)
+    for ax, (_, _, ylabel, xlabel) in zip(axes, PANELS):
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("train loss vs step")
+    axes[1].set_title("train loss vs wall-clock time")
+    axes[2].set_title("test accuracy vs step")
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:  # no curves in the first panel: take labels from the runs anyway
+        handles = [plt.Line2D([], [], color=cmap(i % cmap.N)) for i in range(len(runs))]
+        labels = [r.label for r in runs]
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=max(1, min(3, len(runs))), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- the whole job -----------------------------------------------------------------------------------------------
+def compare_runs(paths: Sequence[str | Path], out_dir: Path) -> dict[str, Any]:
+    """Compare the runs in or below ``paths`` (default: :func:`default_run_dirs`) and write
+    ``comparison.png`` and ``comparison.md`` into ``out_dir``. Returns the runs, the table and the paths.
+
+    Every run is read and checked before anything is written, so a bad directory leaves no partial output.
+    """
+    dirs = find_run_dirs(paths) if paths else default_run_dirs()
+    runs = [load_run(d) for d in dirs]
+    label_runs(runs)
+    table = markdown_table(runs, relative_to=Path.cwd())
+    differing = differing_keys([r.config for r in runs])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figure = out_dir / "comparison.png"
+    plot_comparison(runs, figure)
+    md = out_dir / "comparison.md"
+    md.write_text(
+        f"# Comparison of {len(runs)} run{'s' if len(runs) != 1 else ''}\n\n"
+        f"![comparison]({figure.name})\n\n{table}\n\n"
+        + (f"Labels show the config keys that differ: {', '.join(f'`{k}`' for k in differing)}.\n"
+           if differing else "The runs' configs are identical.\n")
+    )
+    log.info("wrote %s and %s", figure, md)
+    return {"runs": runs, "table": table, "figure": figure, "markdown": md}
+
+
+def _default_out_dir(root: Path = Path("outputs") / "compare") -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out, i = root / stamp, 1
+    while out.exists():  # never write into an earlier comparison
+        out, i = root / f"{stamp}_{i}", i + 1
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python compare.py [RUN_OR_PARENT_DIR ...] [--out DIR]``: returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="compare.py",
+        description="Compare training runs side by side: comparison.png (train loss vs step and vs wall-clock "
+                    "time, test accuracy vs step) and comparison.md (final/best accuracy, steps, time per step, "
+                    "peak memory, estimator). Runs are labelled by what differs in their configs.",
+    )
+    parser.add_argument("runs", nargs="*", help="run directories or parents of runs (searched recursively); "
+                        "default: the newest forward-gradient and backprop runs under outputs/ and multirun/")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: a new outputs/compare/<timestamp>/)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        result = compare_runs(args.runs, args.out if args.out is not None else _default_out_dir())
+    except RunDirError as e:
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
+    print(result["table"])
+    return 0
