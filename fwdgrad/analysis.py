@@ -57,6 +57,7 @@ __all__ = [
     "gaussian_gradients",
     "linear_loss",
     "flatten_params",
+    "mlp_gradients",
     "cos2_beta_parameters",
     "expected_cosine",
     "expected_cos2",
@@ -105,6 +106,55 @@ def gaussian_gradients(dims: Sequence[int], seed: int = 0, dtype: str = "float32
         state = np.random.SeedSequence([int(seed), int(n)]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(state))
         out.append((f"gaussian n={n}", torch.randn(n, generator=gen, dtype=torch.float64).to(torch_dtype)))
+    return out
+
+
+def mlp_gradients(
+    dataset: Any,
+    hidden_sizes: Sequence[int] = (1024, 1024),
+    train_steps: Sequence[int] = (0, 200),
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> GradientSource:
+    """The real gradient of an MLP's mean cross-entropy on one training batch, at several points of training.
+
+    ``dataset`` is a :class:`fwdgrad.data.Splits` (instantiated from the source config's ``dataset`` node; its
+    ``batch_size`` is the batch the gradient is taken on). The MLP is initialised from ``seed + 1`` (not ``seed``:
+    the estimator's tangent stream is seeded with ``seed``), trained with backprop and Adam, and its exact gradient
+    (as a dict shaped like the parameters, so structured tangents apply) is recorded after each number of steps in
+    ``train_steps`` (0 = at initialisation).
+    """
+    from fwdgrad.data import iterate_batches
+    from fwdgrad.estimators import Backprop, estimate_module_grads
+    from fwdgrad.functional import cross_entropy
+    from fwdgrad.models import MLP
+
+    steps = sorted(int(t) for t in train_steps)
+    if not steps or steps[0] < 0:
+        raise AnalysisConfigError(f"source.train_steps must be non-negative step counts, got {list(train_steps)}.")
+    torch.manual_seed(int(seed) + 1)
+    model = MLP(dataset.input_shape, dataset.num_classes, tuple(hidden_sizes))
+    opt = torch.optim.Adam(model.parameters(), lr=float(learning_rate))
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    x_probe, y_probe = dataset.train_x[: dataset.batch_size], dataset.train_y[: dataset.batch_size]
+    out: GradientSource = []
+    done = 0
+    batches = iter(())
+    for target in steps:
+        while done < target:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(iterate_batches(dataset.train_x, dataset.train_y, dataset.batch_size, gen))
+                continue
+            opt.zero_grad(set_to_none=True)
+            estimate_module_grads(Backprop(), model, lambda o, y=y: cross_entropy(o, y), x)
+            opt.step()
+            done += 1
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        _, grad = Backprop()(lambda p: cross_entropy(torch.func.functional_call(model, p, (x_probe,)), y_probe), params)
+        label = "init" if target == 0 else f"after {target} steps"
+        out.append((f"MLP {dataset.name} {label} (n={sum(g.numel() for g in grad.values())})", grad))
     return out
 
 
