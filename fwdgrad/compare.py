@@ -127,6 +127,8 @@ def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     raw = OmegaConf.to_container(cfg, resolve=False)
     for key in cfg.keys():
         dotted = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            continue  # `???`: a value known only at run time (e.g. model.input_shape), nothing to compare
         if OmegaConf.is_interpolation(cfg, key):
             node_text = str(raw[key])
             if _refers_to_config_key(node_text):

@@ -204,3 +204,13 @@ def test_stopped_column_only_when_a_run_stopped(tmp_path):
     label_runs(runs)
     table = markdown_table(runs)
     assert "| stopped |" in table and "| diverged: loss is nan |" in table
+
+
+def test_flatten_skips_run_time_only_missing_values():
+    # Real run configs keep `???` for sizes known only at run time (model.input_shape): not an error.
+    from omegaconf import OmegaConf
+
+    from fwdgrad.compare import flatten_config
+
+    flat = flatten_config(OmegaConf.create({"model": {"input_shape": "???", "hidden": [4]}, "seed": 1}))
+    assert flat == {"model.hidden": [4], "seed": 1}
