@@ -10,7 +10,7 @@ setup: $(STAMP)
 
 # Re-install whenever requirements.txt changes.
 $(STAMP): requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
@@ -25,6 +25,7 @@ bench: setup
 	$(PY) scripts/bench.py
 
 lint: setup
+	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check .
 
 clean:
