@@ -542,22 +542,23 @@ def _rdiv(b: Tensor, a: Any) -> Tensor:  # a / b with a a number
 # -- reductions --------------------------------------------------------------------------------------
 
 
-@_register(torch.sum, T.sum)
-def _sum(x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
-    out = torch.sum(x, dim=dim, keepdim=keepdim, dtype=dtype) if dim is not None else torch.sum(x, dtype=dtype)
+def _linear_reduction(reduce: Callable[..., Tensor], x: Tensor, dim: Any, keepdim: bool, dtype: Any) -> Tensor:
+    """sum and mean are linear: the tangent is the same reduction of the tangent (over the primal's dims)."""
+    out = reduce(x, dim=dim, keepdim=keepdim, dtype=dtype) if dim is not None else reduce(x, dtype=dtype)
     tx = _dense(_tan(x))
     if x.dim() == 0:
         return _with(out, tx.to(out.dtype))
-    return _with(out, tx.sum(dim=_tdims(dim, x.dim()), keepdim=keepdim, dtype=dtype))
+    return _with(out, reduce(tx, dim=_tdims(dim, x.dim()), keepdim=keepdim, dtype=dtype))
+
+
+@_register(torch.sum, T.sum)
+def _sum(x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
+    return _linear_reduction(torch.sum, x, dim, keepdim, dtype)
 
 
 @_register(torch.mean, T.mean)
 def _mean(x: Tensor, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Tensor:
-    out = torch.mean(x, dim=dim, keepdim=keepdim, dtype=dtype) if dim is not None else torch.mean(x, dtype=dtype)
-    tx = _dense(_tan(x))
-    if x.dim() == 0:
-        return _with(out, tx.to(out.dtype))
-    return _with(out, tx.mean(dim=_tdims(dim, x.dim()), keepdim=keepdim, dtype=dtype))
+    return _linear_reduction(torch.mean, x, dim, keepdim, dtype)
 
 
 @_register(torch.logsumexp, T.logsumexp)

@@ -27,6 +27,7 @@ from fwdgrad.functional import cross_entropy
 from fwdgrad.functions import Beale, Rosenbrock, StyblinskiTang
 from fwdgrad.models import MLP, ConvNet, LogisticRegression
 from fwdgrad.structured import component_variance, total_variance
+from test_estimators import _mlp_problem as _small_mlp  # the same seeded 5-7-3 MLP problem
 
 Z = 4.5
 DT = torch.float64
@@ -240,18 +241,6 @@ def test_rank1_tangents_are_rank_one_with_normal_factors():
     for i in range(2):
         assert torch.linalg.matrix_rank(t["w"][i]) == 1
         assert torch.linalg.matrix_rank(t["c"][i].reshape(8, 12)) == 1
-
-
-def _small_mlp():
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=DT) * 0.5)
-    x = torch.randn(11, 5, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (11,), generator=g)
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return (lambda p: cross_entropy(functional_call(model, p, (x,)), y)), params
 
 
 def _samples(loss_fn, params, m, **kw):
