@@ -16,6 +16,7 @@ from fwdgrad.estimators import (
     GradientEstimator,
     cosine_similarity,
     estimate_module_grads,
+    kept_prefix,
     total_numel,
 )
 from fwdgrad import functional
@@ -30,6 +31,7 @@ __all__ = [
     "cosine_similarity",
     "estimate_module_grads",
     "functional",
+    "kept_prefix",
     "total_numel",
 ]
 __version__ = "0.1.0"

@@ -80,6 +80,7 @@ __all__ = [
     "AGGREGATIONS",
     "BACKENDS",
     "estimate_module_grads",
+    "kept_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,10 +296,14 @@ class ForwardGradient(GradientEstimator):
             hence the same estimates, for the same sequence of calls.
         backend: how the directional derivatives are computed: ``"auto"`` (default), ``"fast"`` or
             ``"func"`` (module docstring). All give the same estimates up to rounding.
-        regenerate_tangents: do not keep the (k, n) tangents through the forward pass; regenerate each
-            weight's tangents from their seeds when a layer needs them and again for the update. Same
-            estimates, about half the memory of a step (no parameter-sized buffer during the pass), one more
-            round of random numbers. Dense distributions with the fast backend only (else ignored).
+        regenerate_tangents: ``True``: do not keep the (k, n) tangents through the forward pass; regenerate
+            each weight's tangents from their seeds when a layer needs them and again for the estimate (one
+            more round of random numbers, no parameter-sized buffer during the pass). ``False``: keep them
+            all. ``"auto"`` (default): with k = 1, keep the leading parameters' tangents and regenerate only
+            as many trailing ones as bring the step's peak memory within one parameter tensor of its floor
+            ``max(n, pass)`` (:func:`kept_prefix`; keeping all costs ``n + pass``), sized from the previous
+            call's pass (the first call regenerates all); with k > 1 as ``False``. Same estimates in every
+            mode. Dense distributions with the fast backend only (else ignored).
         max_tangent_mib: the fast path runs the k tangents in groups so that no intermediate tangent tensor
             exceeds about this many MiB (each group repeats the primal pass). The group size is set from the
             previous call's largest tangent, the first call probing with one tangent.
@@ -311,7 +316,7 @@ class ForwardGradient(GradientEstimator):
         distribution: str = "normal",
         seed: int = 0,
         backend: str = "auto",
-        regenerate_tangents: bool = False,
+        regenerate_tangents: Union[bool, str] = "auto",
         max_tangent_mib: float = 256.0,
     ) -> None:
         if not isinstance(num_tangents, int) or isinstance(num_tangents, bool) or num_tangents < 1:
@@ -328,6 +333,10 @@ class ForwardGradient(GradientEstimator):
             )
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}.")
+        if regenerate_tangents not in (True, False, "auto"):
+            raise ValueError(
+                f"regenerate_tangents must be true, false or 'auto', got {regenerate_tangents!r}."
+            )
         if not max_tangent_mib > 0:
             raise ValueError(f"max_tangent_mib must be > 0 (MiB per intermediate tangent), got {max_tangent_mib!r}.")
         self.num_tangents = num_tangents
@@ -335,7 +344,9 @@ class ForwardGradient(GradientEstimator):
         self.distribution = distribution
         self.seed = int(seed)
         self.backend = backend
-        self.regenerate_tangents = bool(regenerate_tangents)
+        self.regenerate_tangents: Union[bool, str] = (
+            regenerate_tangents if regenerate_tangents == "auto" else bool(regenerate_tangents)
+        )
         self.max_tangent_mib = float(max_tangent_mib)
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._fast_unsupported: Optional[str] = None  # why "auto" fell back to torch.func, once it has
@@ -355,8 +366,8 @@ class ForwardGradient(GradientEstimator):
                 )
         # With k > 1 the estimate is a new vector B c, so the k tangents can live in a buffer reused every
         # step; with k = 1 the estimate is written into the tangent buffer itself, which is then handed out.
-        lazy = self.regenerate_tangents and self.backend != "func" and self._fast_unsupported is None
-        draw = self._draw(p, reuse=self.num_tangents > 1, lazy=lazy)
+        fast = self.backend != "func" and self._fast_unsupported is None
+        draw = self._draw(p, reuse=self.num_tangents > 1, regenerate=fast)
         loss, d = self.directional_derivatives(loss_fn, p, draw.tangents, single)
         grads = self._aggregate(draw, d)
         return loss, _from_dict(grads, single)
@@ -372,8 +383,8 @@ class ForwardGradient(GradientEstimator):
         # execution settings change speed and memory, never the estimates: logged only when not the default
         if self.backend != "auto":
             out["backend"] = self.backend
-        if self.regenerate_tangents:
-            out["regenerate_tangents"] = True
+        if self.regenerate_tangents != "auto":
+            out["regenerate_tangents"] = self.regenerate_tangents
         if self.max_tangent_mib != 256.0:
             out["max_tangent_mib"] = self.max_tangent_mib
         return out
@@ -451,6 +462,20 @@ class ForwardGradient(GradientEstimator):
         return self._aggregate(_Draw(dict(tangents)), d)
 
     # -- internals -------------------------------------------------------------------------------------
+    #: Tangent-sized tensors a forward-mode layer holds at once: its input and output, each with its tangent.
+    PASS_TENSORS = 4
+
+    def _kept_blocks(self, sizes: Sequence[float]) -> int:
+        """How many of the leading tangent blocks (``sizes``: bytes per parameter, in order) to keep through
+        the pass; the rest are regenerated (:func:`kept_prefix`). Fast path, dense distributions only."""
+        if self.regenerate_tangents is True:
+            return 0
+        if self.regenerate_tangents is False or self.num_tangents > 1:
+            return len(sizes)
+        if self._bytes_per_tangent is None:
+            return 0  # first call: nothing measured yet, regenerate all (the leanest choice)
+        return kept_prefix(sizes, self.PASS_TENSORS * self._bytes_per_tangent)
+
     def _fast_passes(
         self, f: Callable[[Dict[str, Tensor]], Tensor], params: Dict[str, Tensor], tangents: Mapping[str, Tangent]
     ) -> Tuple[Tensor, Tensor]:
@@ -458,7 +483,10 @@ class ForwardGradient(GradientEstimator):
         k = self.num_tangents
         budget = self.max_tangent_mib * 2**20
         if k == 1:
-            return forward_tangents(f, params, tangents, 1)
+            stats: Dict[str, float] = {}
+            out = forward_tangents(f, params, tangents, 1, stats)
+            self._bytes_per_tangent = stats["max_bytes_per_tangent"]
+            return out
         ds, i, loss = [], 0, None
         per = self._bytes_per_tangent
         largest = 0.0
@@ -466,7 +494,7 @@ class ForwardGradient(GradientEstimator):
             # no measurement yet: probe with one tangent, then size the groups from what it allocated
             group = 1 if per is None else max(1, min(k - i, int(budget // max(per, 1.0))))
             part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
-            stats: Dict[str, float] = {}
+            stats = {}
             loss, d = forward_tangents(f, params, part, group, stats)
             if loss.dim() != 0:
                 return loss, d  # the caller reports the non-scalar loss
@@ -486,12 +514,13 @@ class ForwardGradient(GradientEstimator):
 
     def _aggregate(self, draw: _Draw, d: Tensor) -> Dict[str, Tensor]:
         coeff = self._coefficients(draw.tangents, d)
-        if draw.owned and self.num_tangents == 1 and draw.buffers:
-            # g = c v: scale the freshly drawn buffer in place and hand out its views (nothing else holds it).
+        if draw.owned and self.num_tangents == 1:
+            # g = c v: scale the freshly drawn buffer in place and hand out its views (nothing else holds it);
+            # regenerated tangents are drawn again here, one parameter at a time, and scaled in place too.
             for buf in draw.buffers:
                 buf.mul_(coeff[0].to(buf.dtype))
             return {
-                name: (self._combine(t, coeff) if isinstance(t, RankOne) else t[0])
+                name: (t[0] if isinstance(t, Tensor) else self._combine(t, coeff))
                 for name, t in draw.tangents.items()
             }
         return {name: self._combine(t, coeff) for name, t in draw.tangents.items()}
@@ -539,12 +568,14 @@ class ForwardGradient(GradientEstimator):
             coeff = torch.linalg.pinv(gram, hermitian=True) @ rhs
         return coeff.squeeze(1)
 
-    def _draw(self, params: Dict[str, Tensor], reuse: bool, lazy: bool = False) -> _Draw:
+    def _draw(self, params: Dict[str, Tensor], reuse: bool, regenerate: bool = False) -> _Draw:
         """Draw this step's tangents (module docstring): built-in distributions in seeded chunks.
 
         Layout: every parameter gets a contiguous block (its ``(k, *shape)`` tangents, or for ``rank1``
         weights ``k*m`` then ``k*n`` factor entries; rademacher blocks padded to whole random words); chunk
-        ids run over the blocks in order, so any block can be regenerated alone (``lazy``).
+        ids run over the blocks in order, so any block can be regenerated alone. ``regenerate``: the blocks
+        after the first :meth:`_kept_blocks` are not drawn now but handed out as
+        :class:`~fwdgrad.fast.Regenerated`; which ones never changes the numbers.
         """
         k = self.num_tangents
         sampler = TANGENT_DISTRIBUTIONS[self.distribution]
@@ -558,7 +589,8 @@ class ForwardGradient(GradientEstimator):
             })
         first = next(iter(params.values()))
         base = int(torch.randint(0, 2**32, (1,), generator=self.generator(first.device)))
-        lazy = lazy and kind != "rank1"  # rank-one factors are m + n numbers: nothing to save
+        if kind == "rank1":
+            regenerate = False  # rank-one factors are m + n numbers: nothing to save
         # per parameter: (name, tensor, block size, first chunk id)
         plan = []
         next_id = 0
@@ -577,10 +609,10 @@ class ForwardGradient(GradientEstimator):
             return _chunk_jobs(block, seed0, _normal_op), None
 
         tangents: Dict[str, Tangent] = {}
-        if lazy:
-            for name, t, size, id0 in plan:
-                tangents[name] = Regenerated(k, partial(self._regenerate, t, size, base + id0, block_jobs, k))
-            return _Draw(tangents)
+        kept = self._kept_blocks([size * t.element_size() for _, t, size, _ in plan]) if regenerate else len(plan)
+        for name, t, size, id0 in plan[kept:]:
+            tangents[name] = Regenerated(k, partial(self._regenerate, t, size, base + id0, block_jobs, k))
+        plan = plan[:kept]
         groups: Dict[Tuple[torch.device, torch.dtype], List[Tuple[str, Tensor, int, int]]] = {}
         for item in plan:
             groups.setdefault((item[1].device, item[1].dtype), []).append(item)
@@ -609,6 +641,7 @@ class ForwardGradient(GradientEstimator):
         _run_jobs(jobs)  # every chunk of every block, in parallel
         for fin in finish:
             fin()
+        tangents = {name: tangents[name] for name in params}  # parameter order
         owned = not reuse and kind != "rank1"
         return _Draw(tangents, buffers if owned else [], owned)
 
@@ -620,6 +653,36 @@ class ForwardGradient(GradientEstimator):
         if fin is not None:
             fin()
         return block[: k * t.numel()].view(k, *t.shape)
+
+
+def kept_prefix(sizes: Sequence[float], pass_bytes: float) -> int:
+    """The fewest regenerated tangents that bring a k = 1 step's peak memory within one block of its floor.
+
+    ``sizes``: bytes of each parameter's tangent block, in the order the forward pass uses them (n = their
+    sum); ``pass_bytes``: the pass's own working memory T. Any step needs the n-byte estimate at the end
+    and T during the pass, so its peak is at least ``max(n, T)``. Keeping the first blocks (K bytes) and
+    regenerating the rest, the peak is about
+
+        max(n, K + T + b),   b = the largest regenerated block (drawn while its layer runs),
+
+    and ``n + T`` when nothing is regenerated. Returns the largest number of leading blocks to keep such
+    that this is at most ``max(n, T) + max(sizes)``: within one parameter tensor of the floor, with as few
+    random numbers drawn twice as that allows (none when the pass is small next to the parameters'
+    largest tensor, all when the pass dominates).
+    """
+    if not sizes:
+        return 0
+    n = float(sum(sizes))
+    bound = max(n, pass_bytes) + max(sizes)
+    if n + pass_bytes <= bound:
+        return len(sizes)
+    kept, tail_max = float(n), 0.0
+    for i in range(len(sizes) - 1, -1, -1):  # grow the regenerated tail until the bound holds
+        kept -= sizes[i]
+        tail_max = max(tail_max, sizes[i])
+        if kept + pass_bytes + tail_max <= bound:
+            return i
+    return 0  # unreachable: with everything regenerated the peak is max(n, T + b) <= bound
 
 
 def estimate_module_grads(

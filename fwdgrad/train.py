@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from fwdgrad.distributed import (
 )
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
 from fwdgrad.functional import cross_entropy
+from fwdgrad.memory import RssPeak
 from fwdgrad.models import ModelConfigError
 
 __all__ = [
@@ -154,12 +154,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> tuple[f
 
 def _finite_or_none(v: Optional[float]) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if os.uname().sysname == "Darwin" else r / 1024
 
 
 def _atomic_write(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
@@ -394,7 +388,7 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_mb()
+    rss = None if device.type == "cuda" else RssPeak().start()  # growth of the resident set from here on
 
     step = 0
     epochs_completed = 0
@@ -506,8 +500,9 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
         peak_mb: Optional[float] = torch.cuda.max_memory_allocated(device) / 2**20
         peak_src = "cuda_max_memory_allocated"
     else:
-        peak_mb = max(_peak_rss_mb() - rss_before, 0.0)
-        peak_src = "process_peak_rss_delta"
+        assert rss is not None
+        peak_mb = rss.peak_mib()
+        peak_src = rss.source
     metrics: Dict[str, Any] = {
         "final_test_accuracy": test_acc,
         "best_test_accuracy": best_acc,

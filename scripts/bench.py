@@ -11,13 +11,17 @@ the loss under ``torch.no_grad()``. Reported per configuration, as in the paper:
 
     R_f = step / forward   (R_b for the backprop row)        fg/bp = step / backprop step
 
-Method: for each (model, batch size) every configuration is first run once as warm-up, which also measures
-its peak memory; then rounds visit all configurations in a shuffled order (interleaved, so a slow phase of a
-shared machine hits every configuration alike), each sample timing ``inner`` back-to-back steps (enough for
-about ``--min-sample-ms``); the table shows medians over the rounds. Peak memory: on CUDA
-``max_memory_allocated``; on Linux CPUs the resident-set high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs`` after ``malloc_trim``) minus the resident set before the step, with a fresh estimator
-so that buffers it keeps between steps count. Everything runs in one process.
+Method: for each (model, batch size) every configuration first runs two steps with a fresh estimator, as
+warm-up and to measure its peak memory; then rounds visit all configurations in a shuffled order
+(interleaved, so a slow phase of a shared machine hits every configuration alike), each sample timing
+``inner`` back-to-back steps (enough for about ``--min-sample-ms``); the table shows medians over the rounds.
+Everything runs in one process.
+
+Peak memory (:mod:`fwdgrad.memory`), over those first two steps of a fresh estimator (so buffers it keeps
+between steps count, and the second step runs with what the first measured), above the memory before them:
+``peak MiB`` is tensor memory (CUDA ``max_memory_allocated``; on the CPU the same, rebuilt from the
+profiler's allocation events: exact and repeatable), ``RSS MiB`` the growth of the resident set (Linux
+``VmHWM`` reset through ``/proc/self/clear_refs``; includes allocator caching, so noisier).
 
 Outputs (``--out``, default ``outputs/bench/<timestamp>/``): ``bench.md`` (machine, table, targets, deep-MLP
 memory check), ``bench.csv`` (every number, with spread), ``machine.json``.
@@ -27,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import logging
 import math
@@ -40,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
@@ -52,6 +54,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
 from fwdgrad.fast import tune_malloc  # noqa: E402
+from fwdgrad.memory import RssPeak, tensor_peak_mib  # noqa: E402
 from fwdgrad.functional import cross_entropy  # noqa: E402
 from fwdgrad.models import MLP, ConvNet  # noqa: E402
 
@@ -72,14 +75,14 @@ class Variant:
     distribution: str = ""
     k: int = 0
     backend: str = ""
-    regenerate: bool = False
+    regenerate: Union[bool, str] = "auto"  # ForwardGradient's regenerate_tangents
 
     @property
     def label(self) -> str:
         if self.name != "fg":
             return self.name
-        suffix = " (torch.func)" if self.backend == "func" else (" regenerated" if self.regenerate else "")
-        return f"fg {self.distribution} k={self.k}{suffix}"
+        suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
+        return f"fg {self.distribution} k={self.k}" + (" (torch.func)" if self.backend == "func" else suffix)
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Result:
     samples: int
     inner: int
     peak_mib: float
+    rss_mib: float
     r_f: float = math.nan
     fg_over_bp: float = math.nan
 
@@ -114,8 +118,8 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int]) ->
     out = [Variant("forward"), Variant("backprop")]
     out += [Variant("fg", "normal", k, "func") for k in func_ks]
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
-    if "normal" in dists and 1 in ks:
-        out.append(Variant("fg", "normal", 1, "auto", regenerate=True))
+    if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
+        out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
     return out
 
 
@@ -142,50 +146,33 @@ def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 # -- memory ------------------------------------------------------------------------------------------------
 class PeakMemory:
-    """Peak extra memory of one call: CUDA allocator stats, or Linux RSS high-water mark."""
+    """Peak tensor memory and resident-set growth of a call (see :mod:`fwdgrad.memory`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.note = ""
-        self._libc = None
-        if device.type == "cuda":
-            self.note = "torch.cuda.max_memory_allocated minus memory allocated before the step"
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self._libc = ctypes.CDLL("libc.so.6")
-            self.note = "resident-set high-water mark (VmHWM) minus resident set before the step (Linux)"
-        except OSError:
-            self._libc = None
-            self.note = "not measured (needs Linux /proc/self/clear_refs or CUDA)"
+        self.rss = RssPeak() if device.type == "cpu" else None
+        self.note = ("tensor memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                     "torch CPU allocations from the profiler's memory events")
+                     + " minus memory allocated before; RSS: "
+                     + ("not measured (CUDA)" if self.rss is None else
+                        "resident-set high-water mark minus resident set before"
+                        if self.rss.source == "rss_hwm_delta" else "ru_maxrss growth (may read 0)")
+                     + "; both over the first two steps of a fresh estimator")
 
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise KeyError(key)
+    def measure(self, fn: Callable[[], None]) -> tuple[float, float]:
+        """``(tensor peak MiB, RSS growth MiB)`` of ``fn()``."""
+        if self.rss is None:
+            return tensor_peak_mib(fn, self.device), math.nan
+        self.rss.start()
+        peak = tensor_peak_mib(fn, self.device)
+        return peak, self.rss.peak_mib()
 
-    def measure(self, fn: Callable[[], None]) -> float:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / MIB
-        if self._libc is None:
-            fn()
-            return math.nan
-        self._libc.malloc_trim(0)  # hand freed heap memory back, so only this call's allocations count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
-        base = self._status_kib("VmRSS")
+
+def first_two_steps(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
         fn()
-        return (self._status_kib("VmHWM") - base) / 1024
+        fn()
+    return run
 
 
 # -- timing ------------------------------------------------------------------------------------------------
@@ -253,12 +240,13 @@ def bench_group(
     for v in vs[:3]:
         make_step(v, model, x, y)()
     steps: Dict[str, Callable[[], None]] = {}
-    peaks: Dict[str, float] = {}
+    peaks: Dict[str, tuple[float, float]] = {}
     warm: Dict[str, float] = {}
-    for v in vs:  # warm-up call per configuration = its memory measurement, with a fresh estimator
+    for v in vs:  # two warm-up steps per configuration = its memory measurement, with a fresh estimator
         fn = make_step(v, model, x, y)
+        peaks[v.label] = mem.measure(first_two_steps(fn))
         t = time.perf_counter()
-        peaks[v.label] = mem.measure(fn)
+        fn()
         warm[v.label] = time.perf_counter() - t
         steps[v.label] = fn
         model.zero_grad(set_to_none=True)
@@ -271,7 +259,7 @@ def bench_group(
             model_name, batch, v.label, v.distribution, v.k, v.backend,
             median_ms=statistics.median(xs) * 1e3, min_ms=min(xs) * 1e3,
             q25_ms=_quantile(xs, 0.25) * 1e3, q75_ms=_quantile(xs, 0.75) * 1e3,
-            samples=len(xs), inner=inner, peak_mib=peaks[v.label],
+            samples=len(xs), inner=inner, peak_mib=peaks[v.label][0], rss_mib=peaks[v.label][1],
         ))
     fwd = next(r for r in out if r.variant == "forward").median_ms
     bp = next(r for r in out if r.variant == "backprop").median_ms
@@ -282,8 +270,15 @@ def bench_group(
 
 
 # -- the deep-MLP memory check and the training-loop row ------------------------------------------------------
+DEEP_VARIANTS = (Variant("backprop"), Variant("fg", "normal", 1, "auto"), Variant("fg", "normal", 1, "auto", regenerate=False),
+                 Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto"))
+
+
 def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.device) -> Dict[str, object]:
-    """Peak memory of one step on a deep, wide MLP: backprop stores every activation, forward mode none."""
+    """Peak memory of a step on a deep, wide MLP: backprop stores every activation, forward mode none.
+
+    Per variant: two steps of a fresh estimator are measured (their peak, as in the table), then one more
+    is timed."""
     layers, width, batch = (4, 64, 16) if args.quick else (args.deep_layers, args.deep_width, args.deep_batch)
     torch.manual_seed(0)
     model = MLP((width,), 10, [width] * layers).to(device)
@@ -291,20 +286,20 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
     y = torch.randint(0, 10, (batch,), device=device)
     res: Dict[str, object] = {"layers": layers, "width": width, "batch": batch,
                               "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB}
-    for v in (Variant("backprop"), Variant("fg", "normal", 1, "auto"),
-              Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto")):
-        make_step(v, model, x, y)()  # warm-up
-        model.zero_grad(set_to_none=True)
+    make_step(Variant("backprop"), model, x, y)()  # lazy library initialisation must not count
+    model.zero_grad(set_to_none=True)
+    for v in DEEP_VARIANTS:
         fn = make_step(v, model, x, y)
-        peak = mem.measure(fn)
-        model.zero_grad(set_to_none=True)
+        peak, rss = mem.measure(first_two_steps(fn))
         t = time.perf_counter()
         fn()
-        res[v.label] = {"peak_mib": peak, "step_ms": (time.perf_counter() - t) * 1e3}
+        res[v.label] = {"peak_mib": peak, "rss_mib": rss, "step_ms": (time.perf_counter() - t) * 1e3}
         model.zero_grad(set_to_none=True)
-    bp = res["backprop"]["peak_mib"]  # type: ignore[index]
-    for label in ("fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
-        res[label]["over_bp"] = res[label]["peak_mib"] / bp if bp else math.nan  # type: ignore[index]
+    bp = res["backprop"]  # type: ignore[index]
+    for v in DEEP_VARIANTS[1:]:
+        r = res[v.label]  # type: ignore[index]
+        r["over_bp"] = r["peak_mib"] / bp["peak_mib"] if bp["peak_mib"] else math.nan
+        r["rss_over_bp"] = r["rss_mib"] / bp["rss_mib"] if bp["rss_mib"] else math.nan
     return res
 
 
@@ -427,12 +422,12 @@ def _fmt(x: float, nd: int = 2) -> str:
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    lines = ["| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB | RSS MiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(
             f"| {r.model} | {r.batch} | {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.r_f)} | "
-            f"{'—' if r.variant == 'forward' else _fmt(r.fg_over_bp)} | {_fmt(r.peak_mib, 1)} |"
+            f"{'—' if r.variant == 'forward' else _fmt(r.fg_over_bp)} | {_fmt(r.peak_mib, 1)} | {_fmt(r.rss_mib, 1)} |"
         )
     return "\n".join(lines)
 
@@ -520,12 +515,15 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
     if deep is not None:
         md += [f"Deep MLP ({deep['layers']} hidden layers of width {deep['width']}, batch {deep['batch']}, "
                f"{_fmt(deep['params_mib'], 0)} MiB of parameters; target: forward-gradient peak <= 0.5 x "  # type: ignore[arg-type]
-               "backprop's), peak memory and time of one step:", "",
-               "| step | peak MiB | × backprop peak | step ms |", "|---|---:|---:|---:|"]
-        for label in ("backprop", "fg normal k=1", "fg normal k=1 regenerated", "fg rank1 k=1"):
-            r = deep[label]  # type: ignore[index]
-            md.append(f"| {label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r.get('over_bp', 1.0))} | {_fmt(r['step_ms'], 0)} |")
-        md += [""]
+               "backprop's), peak memory of two steps and time of one:", "",
+               "| step | peak MiB | × backprop | RSS MiB | × backprop | step ms |", "|---|---:|---:|---:|---:|---:|"]
+        for v in DEEP_VARIANTS:
+            r = deep[v.label]  # type: ignore[index]
+            md.append(f"| {v.label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r.get('over_bp', 1.0))} | "
+                      f"{_fmt(r['rss_mib'], 1)} | {_fmt(r.get('rss_over_bp', 1.0))} | {_fmt(r['step_ms'], 0)} |")
+        fg = deep[DEEP_VARIANTS[1].label]  # type: ignore[index]
+        md += ["", f"- default forward gradient (dense normal, k=1): {fg['over_bp']:.2f} x backprop's peak "
+               f"({'met' if fg['over_bp'] <= 0.5 else 'NOT met'})", ""]
     if quality:
         md += [f"Estimate quality on the MLP (batch 64, random data, {args.quality_draws} estimates each, mean "
                "aggregation): cosine similarity to the backprop gradient, and E|g - a|^2 / |a|^2 measured "

@@ -24,7 +24,7 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     variants = {(r["model"], r["variant"]) for r in rows}
     for model in ("mlp", "convnet"):
         for v in ("forward", "backprop", "fg normal k=1 (torch.func)", "fg normal k=2", "fg rademacher k=1",
-                  "fg rank1 k=2", "fg normal k=1 regenerated"):
+                  "fg rank1 k=2", "fg normal k=1 kept", "fg normal k=1 regenerated"):
             assert (model, v) in variants
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["samples"]) >= 1
@@ -32,7 +32,10 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
             assert float(r["r_f"]) == 1.0
         if r["variant"] == "backprop":
             assert float(r["fg_over_bp"]) == 1.0
-    assert "| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB |" in md
+        if r["variant"] != "forward":  # every step allocates at least its gradient
+            assert float(r["peak_mib"]) > 0
+    assert "| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB | RSS MiB |" in md
+    assert "default forward gradient (dense normal, k=1):" in md
     assert "| mlp | 8 | fg rank1 k=1 |" in md
     assert "Machine:" in md and "threads" in md and "Deep MLP" in md and "Training loop overhead: MLP" in md
     assert len(list(csv.DictReader(open(out / "quality.csv")))) == 3 * 2

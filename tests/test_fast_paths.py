@@ -293,11 +293,42 @@ def test_rank1_bias_check_has_power_against_a_scaled_estimator():
 @pytest.mark.parametrize("k,agg", [(1, "mean"), (4, "mean"), (4, "projection")])
 def test_regenerated_tangents_give_the_same_estimates(dist, k, agg):
     loss_fn, params = _model_problem("convnet", DT)
-    _, g_kept = ForwardGradient(k, agg, dist, seed=6)(loss_fn, params)
+    _, g_kept = ForwardGradient(k, agg, dist, seed=6, regenerate_tangents=False)(loss_fn, params)
     est = ForwardGradient(k, agg, dist, seed=6, regenerate_tangents=True)
     _, g_regen = est(loss_fn, params)
     assert est._fast_unsupported is None
     torch.testing.assert_close(_flat(g_regen), _flat(g_kept), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+def test_auto_regeneration_keeps_a_prefix_and_gives_the_same_estimates(dist, monkeypatch):
+    # A wide first layer and a pass that is small next to it: "auto" keeps the leading tangents and
+    # regenerates the trailing ones from the second call on (the first, unmeasured, regenerates all).
+    torch.manual_seed(0)
+    model = MLP((40,), 3, (60,) * 6).double()  # blocks of 29 KB, n = 166 KB; the pass about 4 x 32 x 60 x 8 B
+    x, y = torch.randn(32, 40, dtype=DT), torch.randint(0, 3, (32,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p):
+        return cross_entropy(functional_call(model, p, (x,)), y)
+
+    kept_counts = []
+    real = ForwardGradient._kept_blocks
+
+    def spy(self, sizes):
+        kept_counts.append(real(self, sizes))
+        return kept_counts[-1]
+
+    monkeypatch.setattr(ForwardGradient, "_kept_blocks", spy)
+    auto = ForwardGradient(distribution=dist, seed=3)
+    kept = ForwardGradient(distribution=dist, seed=3, regenerate_tangents=False)
+    for _ in range(3):
+        torch.testing.assert_close(_flat(auto(loss_fn, params)[1]), _flat(kept(loss_fn, params)[1]),
+                                   rtol=1e-12, atol=1e-14)
+    n_blocks = len(params)
+    assert kept_counts[0::2] == [0, kept_counts[2], kept_counts[2]]  # auto: all regenerated on the first call,
+    assert 0 < kept_counts[2] < n_blocks  # then a kept prefix and a regenerated tail
+    assert kept_counts[1::2] == [n_blocks] * 3  # regenerate_tangents=False keeps all
 
 
 def test_tangents_run_in_groups_within_the_memory_budget(monkeypatch):
@@ -326,6 +357,9 @@ def test_tangents_run_in_groups_within_the_memory_budget(monkeypatch):
 
 def test_describe_logs_execution_settings_only_when_not_default():
     assert set(ForwardGradient().describe()) == {"estimator", "num_tangents", "aggregation", "distribution", "seed"}
+    assert ForwardGradient(regenerate_tangents=False).describe()["regenerate_tangents"] is False
+    with pytest.raises(ValueError, match="regenerate_tangents must be true, false or 'auto'"):
+        ForwardGradient(regenerate_tangents="sometimes")
     d = ForwardGradient(distribution="rank1", backend="func", regenerate_tangents=True, max_tangent_mib=64).describe()
     assert d["distribution"] == "rank1" and d["backend"] == "func" and d["regenerate_tangents"] is True
     assert d["max_tangent_mib"] == 64
