@@ -20,8 +20,9 @@ Everything runs in one process.
 Peak memory (:mod:`fwdgrad.memory`), over those first two steps of a fresh estimator (so buffers it keeps
 between steps count, and the second step runs with what the first measured), above the memory before them:
 ``peak MiB`` is tensor memory (CUDA ``max_memory_allocated``; on the CPU the same, rebuilt from the
-profiler's allocation events: exact and repeatable), ``RSS MiB`` the growth of the resident set (Linux
-``VmHWM`` reset through ``/proc/self/clear_refs``; includes allocator caching, so noisier).
+profiler's allocation events: exact and repeatable), ``RSS MiB`` the growth of the resident set over two
+more steps of another fresh estimator, without the profiler (Linux ``VmHWM`` reset through
+``/proc/self/clear_refs``; includes allocator caching and fragmentation, so noisier).
 
 Outputs (``--out``, default ``outputs/bench/<timestamp>/``): ``bench.md`` (machine, table, targets, deep-MLP
 memory check), ``bench.csv`` (every number, with spread), ``machine.json``.
@@ -157,22 +158,22 @@ class PeakMemory:
                      + ("not measured (CUDA)" if self.rss is None else
                         "resident-set high-water mark minus resident set before"
                         if self.rss.source == "rss_hwm_delta" else "ru_maxrss growth (may read 0)")
-                     + "; both over the first two steps of a fresh estimator")
+                     + "; each over the first two steps of a fresh estimator")
 
-    def measure(self, fn: Callable[[], None]) -> tuple[float, float]:
-        """``(tensor peak MiB, RSS growth MiB)`` of ``fn()``."""
+    def measure(self, make: Callable[[], Callable[[], None]]) -> tuple[float, float]:
+        """``(tensor peak MiB, RSS growth MiB)`` of the first two calls of a fresh ``make()``, each measured
+        on its own fresh one (the profiler's bookkeeping would inflate the RSS)."""
+        def two_steps() -> None:
+            fn = make()
+            fn()
+            fn()
+
+        peak = tensor_peak_mib(two_steps, self.device)
         if self.rss is None:
-            return tensor_peak_mib(fn, self.device), math.nan
+            return peak, math.nan
         self.rss.start()
-        peak = tensor_peak_mib(fn, self.device)
+        two_steps()
         return peak, self.rss.peak_mib()
-
-
-def first_two_steps(fn: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        fn()
-        fn()
-    return run
 
 
 # -- timing ------------------------------------------------------------------------------------------------
@@ -243,8 +244,9 @@ def bench_group(
     peaks: Dict[str, tuple[float, float]] = {}
     warm: Dict[str, float] = {}
     for v in vs:  # two warm-up steps per configuration = its memory measurement, with a fresh estimator
+        peaks[v.label] = mem.measure(lambda: make_step(v, model, x, y))
+        model.zero_grad(set_to_none=True)
         fn = make_step(v, model, x, y)
-        peaks[v.label] = mem.measure(first_two_steps(fn))
         t = time.perf_counter()
         fn()
         warm[v.label] = time.perf_counter() - t
@@ -289,8 +291,9 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
     make_step(Variant("backprop"), model, x, y)()  # lazy library initialisation must not count
     model.zero_grad(set_to_none=True)
     for v in DEEP_VARIANTS:
+        peak, rss = mem.measure(lambda: make_step(v, model, x, y))
+        model.zero_grad(set_to_none=True)
         fn = make_step(v, model, x, y)
-        peak, rss = mem.measure(first_two_steps(fn))
         t = time.perf_counter()
         fn()
         res[v.label] = {"peak_mib": peak, "rss_mib": rss, "step_ms": (time.perf_counter() - t) * 1e3}
@@ -559,7 +562,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (samples per row)")
     p.add_argument("--min-sample-ms", type=float, default=30.0)
-    p.add_argument("--group-budget-s", type=float, default=40.0,
+    p.add_argument("--group-budget-s", type=float, default=60.0,
                    help="stop adding rounds to a (model, batch) group after this long (at least 3 rounds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
