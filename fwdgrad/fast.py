@@ -255,7 +255,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
             acc_t.add_(tb.reshape(k, 1, m))
         return _with(out, acc_t.view(k, *lead, m))
     elif tw is not None:
-        # the weight tangent(s): x @ [W_dot_1; ...; W_dot_k]^T is (rows, k*m) = (rows, k, m).
+        # one dense weight tangent (k = 1): x @ W_dot^T, kept batch-major as (rows, 1, m).
         w_rows = _dense(tw).reshape(k * m, n).T
         acc = (x2 @ w_rows if tb is None else torch.addmm(tb.reshape(1, k * m), x2, w_rows)).view(rows, k, m)
         tb = None
