@@ -12,7 +12,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.analysis import AnalysisConfigError, run_approx_quality
+from fwdgrad.analysis import run_approx_quality
+from fwdgrad.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> dict:
     try:
         return run_approx_quality(cfg)
-    except AnalysisConfigError as e:
+    except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(f"approx_quality: {e}") from None
 

@@ -15,7 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.optimize import ConfigError, run_global_optim
+from fwdgrad.errors import ConfigError
+from fwdgrad.optimize import run_global_optim
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import ForwardGradient, LossFn, Params
 
 __all__ = [
-    "AnalysisConfigError",
     "GradientSource",
     "QualitySamples",
     "gaussian_gradients",
@@ -82,10 +82,6 @@ QUANTILES = (0.05, 0.5, 0.95)
 _SPLITTING_AGGREGATIONS = ("mean", "sum")  # same direction, sum = k * mean
 
 
-class AnalysisConfigError(ValueError):
-    """A user error in the approximation-quality configuration (message says how to fix it)."""
-
-
 # -- sources ----------------------------------------------------------------------------------------------
 def gaussian_gradients(dims: Sequence[int], seed: int = 0, dtype: str = "float32") -> GradientSource:
     """Random "true gradients" ``a ~ N(0, I_n)``, one flat vector per ``n`` in ``dims``.
@@ -96,13 +92,13 @@ def gaussian_gradients(dims: Sequence[int], seed: int = 0, dtype: str = "float32
     """
     torch_dtype = getattr(torch, str(dtype), None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-        raise AnalysisConfigError(
+        raise ConfigError(
             f"source.dtype must name a torch floating-point dtype (float32, float64), got {dtype!r}."
         )
     out: GradientSource = []
     for n in dims:
         if not isinstance(n, int) or n < 1:
-            raise AnalysisConfigError(f"source.dims must be positive integers (vector dimensions), got {n!r}.")
+            raise ConfigError(f"source.dims must be positive integers (vector dimensions), got {n!r}.")
         state = np.random.SeedSequence([int(seed), int(n)]).generate_state(1)[0]
         gen = torch.Generator().manual_seed(int(state))
         out.append((f"gaussian n={n}", torch.randn(n, generator=gen, dtype=torch.float64).to(torch_dtype)))
@@ -131,7 +127,7 @@ def mlp_gradients(
 
     steps = sorted(int(t) for t in train_steps)
     if not steps or steps[0] < 0:
-        raise AnalysisConfigError(f"source.train_steps must be non-negative step counts, got {list(train_steps)}.")
+        raise ConfigError(f"source.train_steps must be non-negative step counts, got {list(train_steps)}.")
     torch.manual_seed(int(seed) + 1)
     model = MLP(dataset.input_shape, dataset.num_classes, tuple(hidden_sizes))
     opt = torch.optim.Adam(model.parameters(), lr=float(learning_rate))
@@ -164,13 +160,13 @@ def _normalise_source(source: Any) -> GradientSource:
     out: GradientSource = []
     for item in items:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-            raise AnalysisConfigError(
+            raise ConfigError(
                 "a gradient source must return (name, gradient) pairs or a {name: gradient} mapping, got an "
                 f"element of type {type(item).__name__}; fix the factory named by source._target_."
             )
         out.append((item[0], item[1]))
     if not out:
-        raise AnalysisConfigError("the gradient source returned no gradients; check the source config.")
+        raise ConfigError("the gradient source returned no gradients; check the source config.")
     return out
 
 
@@ -277,7 +273,7 @@ def sample_quality(
     a = flatten_params(grad).double()
     a_norm = float(a.norm())
     if a_norm == 0:
-        raise AnalysisConfigError("the true gradient is zero: cosine similarity is undefined; check the source.")
+        raise ConfigError("the true gradient is zero: cosine similarity is undefined; check the source.")
     cos = {agg: np.empty(num_samples) for agg in aggregations}
     ratio = {agg: np.empty(num_samples) for agg in aggregations}
     for m in range(num_samples):
@@ -321,7 +317,7 @@ def approx_quality_table(
                 try:
                     samples = sample_quality(make_estimator, grad, k, dist, aggs, num_samples)
                 except ValueError as e:
-                    if isinstance(e, AnalysisConfigError):
+                    if isinstance(e, ConfigError):
                         raise
                     log.warning("%s: skipping tangent distribution %r (%s)", name, dist, e)
                     break
@@ -433,13 +429,13 @@ def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
                               distribution=distribution)
         except InstantiationException as e:
             cause = e.__cause__ if e.__cause__ is not None else e
-            raise AnalysisConfigError(
+            raise ConfigError(
                 f"could not build the estimator from the `gradient` config with num_tangents={num_tangents}, "
                 f"aggregation={aggregation!r}, distribution={distribution!r}: {cause}. The analysis needs a "
                 "forward-gradient estimator (gradient=forward) and aggregations/distributions it accepts."
             ) from None
         if not isinstance(est, ForwardGradient):
-            raise AnalysisConfigError(
+            raise ConfigError(
                 f"the `gradient` config built a {type(est).__name__}, but the analysis draws forward-gradient "
                 "estimates: use gradient=forward (or another ForwardGradient)."
             )
@@ -477,9 +473,9 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     output_dir = Path(output_dir)
     ks = [int(k) for k in cfg.num_tangents]
     if not ks or min(ks) < 1:
-        raise AnalysisConfigError(f"num_tangents must be a non-empty list of integers >= 1, got {ks}.")
+        raise ConfigError(f"num_tangents must be a non-empty list of integers >= 1, got {ks}.")
     if int(cfg.num_samples) < 2:
-        raise AnalysisConfigError(f"num_samples must be >= 2 (spread needs two draws), got {cfg.num_samples}.")
+        raise ConfigError(f"num_samples must be >= 2 (spread needs two draws), got {cfg.num_samples}.")
     aggregations = list(cfg.aggregations)
     distributions = list(cfg.distributions)
     make = _estimator_factory(cfg.gradient)
@@ -490,9 +486,9 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
         source = _normalise_source(instantiate(cfg.source))
     except InstantiationException as e:
         cause = e.__cause__ if e.__cause__ is not None else e
-        if isinstance(cause, AnalysisConfigError):
+        if isinstance(cause, ConfigError):
             raise cause from None
-        raise AnalysisConfigError(f"could not build the gradient source ({cfg.source.get('_target_')}): {cause}") \
+        raise ConfigError(f"could not build the gradient source ({cfg.source.get('_target_')}): {cause}") \
             from None
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
@@ -505,7 +501,7 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     finally:
         torch.set_num_threads(threads_before)
     if df.empty:
-        raise AnalysisConfigError("no combination of source, distribution and aggregation could be measured.")
+        raise ConfigError("no combination of source, distribution and aggregation could be measured.")
     output_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(output_dir / "approx_quality.csv", index=False)
     plot_cosine_vs_k(df, output_dir / "cosine_vs_k.png")

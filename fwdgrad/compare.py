@@ -32,6 +32,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fwdgrad.errors import RunDirError
+
 __all__ = [
     "RunDirError",
     "Run",
@@ -67,10 +69,6 @@ _RUN_HELP = (
     f"{METRICS_FILE}, {HISTORY_FILE} and {CONFIG_FILE}. Pass such a directory or any parent of several; a run "
     f"that was interrupted has no {METRICS_FILE} yet."
 )
-
-
-class RunDirError(ValueError):
-    """A user error about run directories; the message is one paragraph that says how to fix it."""
 
 
 @dataclass

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fwdgrad.errors import CorruptDatasetError, DatasetError, DatasetNotFoundError
+
 __all__ = [
     "Splits",
     "DatasetError",
@@ -58,18 +60,6 @@ log = logging.getLogger(__name__)
 #: so ``root: data`` means ``<project>/data`` whatever the current directory.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ALTERNATIVES = "dataset=digits or dataset=penguins"
-
-
-class DatasetError(RuntimeError):
-    """A dataset cannot be loaded; the message says why and what to do. Entry points print it without a traceback."""
-
-
-class DatasetNotFoundError(DatasetError):
-    """The files are missing and could not be downloaded."""
-
-
-class CorruptDatasetError(DatasetError):
-    """A file exists but cannot be decoded; the message names the file."""
 
 
 @dataclass

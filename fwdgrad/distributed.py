@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fwdgrad.errors import ConfigError, WorkerLostError
 from fwdgrad.estimators import (
     ForwardGradient,
     GradientEstimator,
@@ -40,18 +41,10 @@ from fwdgrad.estimators import (
     _to_dict,
 )
 
-__all__ = ["DistributedConfigError", "WorkerLostError", "DataParallelEstimator", "init_from_env", "find_free_port",
+__all__ = ["DataParallelEstimator", "init_from_env", "find_free_port",
            "launch_workers", "env_world_size"]
 
 log = logging.getLogger(__name__)
-
-
-class DistributedConfigError(ValueError):
-    """The distributed settings cannot work (e.g. world_size < 1, nccl without GPUs)."""
-
-
-class WorkerLostError(RuntimeError):
-    """A collective failed or timed out: another worker died or stopped answering."""
 
 
 def env_world_size() -> int:
@@ -77,7 +70,7 @@ def init_from_env(backend: str = "auto", timeout_s: float = 60.0) -> None:
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise DistributedConfigError(
+        raise ConfigError(
             "distributed.backend=nccl needs CUDA GPUs, and none is visible; use distributed.backend=gloo "
             "(or auto) to run on CPU."
         )
@@ -93,7 +86,7 @@ def launch_workers(fn: Callable[..., None], world_size: int, args: Sequence = ()
     remaining workers stop at their next collective, within ``timeout_s``).
     """
     if world_size < 1:
-        raise DistributedConfigError(f"distributed.world_size must be >= 1, got {world_size}.")
+        raise ConfigError(f"distributed.world_size must be >= 1, got {world_size}.")
     import torch.multiprocessing as mp
 
     port = find_free_port()

@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from fwdgrad.fast import RankOne, Regenerated, Tangent, Unsupported, forward_tangents, tangent_slice
+from fwdgrad.engine import RankOne, Regenerated, Tangent, Unsupported, forward_tangents, tangent_slice
 
 __all__ = [
     "Params",

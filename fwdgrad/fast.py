@@ -52,17 +52,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from fwdgrad.errors import Unsupported
+
 __all__ = [
     "RankOne", "Regenerated", "Tangent", "Unsupported", "forward_tangents", "supported_functions",
-    "tangent_slice", "tune_malloc",
+    "tangent_slice",
 ]
 
 #: Attribute on a primal tensor holding its tangents (``(k, *shape)`` tensor or :class:`RankOne`).
 _ATTR = "_fwdgrad_tangents"
-
-
-class Unsupported(RuntimeError):
-    """``fn`` used an op on tangent-carrying tensors that the fast engine has no rule for."""
 
 
 @dataclass
@@ -772,35 +770,6 @@ def _amax(x: Tensor, dim: Any = (), keepdim: bool = False) -> Tensor:
     tx = _dense(_tan(x))
     t = tx.gather(_tdim(d), idx.unsqueeze(0).expand(tx.shape[0], *idx.shape))
     return _with(out, t if keepdim else t.squeeze(_tdim(d)))
-
-
-# ---------------------------------------------------------------------------------------------- allocator
-
-
-def tune_malloc(enable: bool = True) -> bool:
-    """Let glibc keep freed memory for reuse instead of returning every large block to the OS.
-
-    With k tangents every intermediate tangent is k times an activation (at batch 1024, k = 16 and width
-    1024: 64 MiB). glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` each
-    time, so every such tensor pays a page fault per 4 KiB on first touch (about a quarter of the k = 16 step
-    on a 2-core CPU). Raising the mmap and trim thresholds makes freed blocks reusable, as a caching allocator
-    (or ``LD_PRELOAD`` of jemalloc/tcmalloc, which PyTorch's CPU tuning guide recommends) would. This is a
-    process-wide setting, so the library never calls it on its own; scripts opt in (``scripts/bench.py``
-    does, for every configuration alike). ``enable=False`` restores glibc's defaults. Returns whether it
-    took effect (False off glibc).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    trim, mmap = (2**31 - 1, 2**30) if enable else (128 * 1024, 128 * 1024)
-    return bool(mallopt(m_mmap_threshold, mmap)) and bool(mallopt(m_trim_threshold, trim))
 
 
 # ---------------------------------------------------------------------------------------------- the mode

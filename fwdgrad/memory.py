@@ -24,9 +24,14 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["tensor_peak_mib", "RssPeak", "MIB"]
+__all__ = ["tensor_peak_mib", "RssPeak", "MIB", "tune_malloc"]
 
 MIB = 2**20
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library (raises OSError where there is none to load)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
 def tensor_peak_mib(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
@@ -77,7 +82,7 @@ class RssPeak:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._libc = _libc()
             self.source = "rss_hwm_delta"
         except (OSError, AttributeError):
             self._libc = None
@@ -113,3 +118,24 @@ class RssPeak:
     def peak_mib(self) -> float:
         top = self._maxrss_kib() if self._libc is None else self._status_kib("VmHWM")
         return max(top - self._base_kib, 0) / 1024
+
+
+def tune_malloc(enable: bool = True) -> bool:
+    """Let glibc keep freed memory for reuse instead of returning every large block to the OS.
+
+    With k tangents every intermediate tangent is k times an activation (at batch 1024, k = 16 and width
+    1024: 64 MiB). glibc serves blocks above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` each
+    time, so every such tensor pays a page fault per 4 KiB on first touch (about a quarter of the k = 16 step
+    on a 2-core CPU). Raising the mmap and trim thresholds makes freed blocks reusable, as a caching allocator
+    (or ``LD_PRELOAD`` of jemalloc/tcmalloc, which PyTorch's CPU tuning guide recommends) would. This is a
+    process-wide setting, so the library never calls it on its own; scripts opt in (``scripts/bench.py``
+    does, for every configuration alike). ``enable=False`` restores glibc's defaults. Returns whether it
+    took effect (False off glibc).
+    """
+    try:
+        mallopt = _libc().mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    trim, mmap = (2**31 - 1, 2**30) if enable else (128 * 1024, 128 * 1024)
+    return bool(mallopt(m_mmap_threshold, mmap)) and bool(mallopt(m_trim_threshold, trim))

@@ -12,14 +12,12 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "ConvNet", "LogisticRegression", "ACTIVATIONS", "ModelConfigError"]
+from fwdgrad.errors import ConfigError
+
+__all__ = ["MLP", "ConvNet", "LogisticRegression", "ACTIVATIONS"]
 
 #: Activations selectable from the config by name (``model.activation=tanh``).
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
-
-
-class ModelConfigError(ValueError):
-    """A model cannot be built for the given data (e.g. a conv net on tabular features)."""
 
 
 def _features(input_shape: Sequence[int]) -> int:
@@ -52,7 +50,7 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ModelConfigError(
+            raise ConfigError(
                 f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}."
             )
         sizes = [_features(input_shape), *hidden_sizes]
@@ -83,13 +81,13 @@ class ConvNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
-            raise ModelConfigError(
+            raise ConfigError(
                 f"ConvNet needs image data of shape (channels, height, width), but this dataset has "
                 f"input shape {tuple(input_shape)}; use model=mlp or model=logreg for tabular data."
             )
         c, h, w = input_shape
         if h < 4 or w < 4:
-            raise ModelConfigError(f"ConvNet needs images of at least 4x4 pixels, got {h}x{w}.")
+            raise ConfigError(f"ConvNet needs images of at least 4x4 pixels, got {h}x{w}.")
         self.features = nn.Sequential(
             nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import GradientEstimator
 from fwdgrad.functions import TestFunction
 
@@ -46,10 +47,6 @@ log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[List[Tensor]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-class ConfigError(ValueError):
-    """The experiment config cannot be run as given; the message names the key and the fix."""
 
 
 @dataclass

@@ -41,18 +41,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from fwdgrad.data import DatasetError, Splits, iterate_batches
+from fwdgrad.data import Splits, iterate_batches
 from fwdgrad.distributed import (
     DataParallelEstimator,
-    DistributedConfigError,
     env_world_size,
     init_from_env,
     launch_workers,
 )
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
 from fwdgrad.functional import cross_entropy
+from fwdgrad.errors import ConfigError, DatasetError
 from fwdgrad.memory import RssPeak
-from fwdgrad.models import ModelConfigError
 
 __all__ = [
     "ConfigError",
@@ -87,10 +86,6 @@ METRIC_KEYS = (
 STOP_REASONS = ("completed", "max_steps", "loss_threshold", "non_finite_loss")
 
 
-class ConfigError(ValueError):
-    """The configuration cannot work (bad value or impossible combination); the message names the fix."""
-
-
 # ------------------------------------------------------------------------------------------------------------
 # small pieces
 # ------------------------------------------------------------------------------------------------------------
@@ -117,8 +112,6 @@ def _build(node: DictConfig, what: str, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, DatasetError):
             raise cause from None
-        if isinstance(cause, ModelConfigError):
-            raise ModelConfigError(f"cannot build the {what}: {cause}") from None
         if isinstance(cause, (ValueError, TypeError)):
             raise ConfigError(f"cannot build the {what} from the config: {cause}") from None
         raise
@@ -545,11 +538,8 @@ def _train_data_parallel(cfg: DictConfig, output_dir: Path, world_size: int, tim
     """Run :func:`train` in ``world_size`` local processes (gloo on CPU); return rank 0's metrics."""
     log.info("data-parallel training on %d local processes (each on 1/%d of every batch); rank 0 writes %s",
              world_size, world_size, output_dir)
-    try:
-        launch_workers(_data_parallel_worker, world_size, args=(OmegaConf.to_yaml(cfg, resolve=True), str(output_dir)),
-                       timeout_s=timeout_s)
-    except DistributedConfigError as e:
-        raise ConfigError(str(e)) from None
+    launch_workers(_data_parallel_worker, world_size, args=(OmegaConf.to_yaml(cfg, resolve=True), str(output_dir)),
+                   timeout_s=timeout_s)
     metrics_file = output_dir / "metrics.json"
     if not metrics_file.is_file():
         raise ConfigError(f"the data-parallel workers finished without writing {metrics_file}; see the log above.")
@@ -565,7 +555,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     """
     try:
         metrics = train(cfg)
-    except (DatasetError, ModelConfigError, ConfigError) as e:
+    except (DatasetError, ConfigError) as e:
         log.error("%s", e)
         raise SystemExit(1) from None
     if metrics["stopped"] == "non_finite_loss":

@@ -54,8 +54,7 @@ from torch import nn  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
-from fwdgrad.fast import tune_malloc  # noqa: E402
-from fwdgrad.memory import RssPeak, tensor_peak_mib  # noqa: E402
+from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
 from fwdgrad.functional import cross_entropy  # noqa: E402
 from fwdgrad.models import MLP, ConvNet  # noqa: E402
 
@@ -501,7 +500,7 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
           f"device {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else "")
           + (f"; load average at start {info.get('loadavg_start')}, at end {info.get('loadavg_end')}"
              if "loadavg_start" in info else "") + "; glibc malloc "
-          + ("tuned to keep freed memory (fwdgrad.fast.tune_malloc)" if info.get("malloc_tuned") else "defaults")
+          + ("tuned to keep freed memory (fwdgrad.memory.tune_malloc)" if info.get("malloc_tuned") else "defaults")
           + ".",
           "",
           f"Median of up to {args.repeats} interleaved samples per row (each of `inner` back-to-back steps), "
@@ -569,7 +568,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
     p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default malloc thresholds (see fwdgrad.fast.tune_malloc)")
+                   help="keep glibc's default malloc thresholds (see fwdgrad.memory.tune_malloc)")
     p.add_argument("--deep-layers", type=int, default=32)
     p.add_argument("--deep-width", type=int, default=1024)
     p.add_argument("--deep-batch", type=int, default=2048)

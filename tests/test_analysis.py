@@ -26,8 +26,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from fwdgrad import TANGENT_DISTRIBUTIONS, ForwardGradient
+from fwdgrad.errors import ConfigError
 from fwdgrad.analysis import (
-    AnalysisConfigError,
     _normalise_source,
     approx_quality_table,
     cos2_variance,
@@ -212,7 +212,7 @@ def test_run_writes_csv_and_figures_from_the_shrunk_real_config(tmp_path):
 
 def test_a_non_forward_estimator_is_a_clear_config_error(tmp_path):
     cfg = _compose(["gradient=backprop"])
-    with pytest.raises(AnalysisConfigError, match="gradient=forward"):
+    with pytest.raises(ConfigError, match="gradient=forward"):
         run_approx_quality(cfg, output_dir=tmp_path)
     assert not any(tmp_path.iterdir())
 

@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 import fwdgrad.estimators as estimators
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
-from fwdgrad.fast import RankOne, Unsupported, forward_tangents
+from fwdgrad.engine import RankOne, Unsupported, forward_tangents
 from fwdgrad.functional import cross_entropy
 from fwdgrad.functions import Beale, Rosenbrock, StyblinskiTang
 from fwdgrad.models import MLP, ConvNet, LogisticRegression
