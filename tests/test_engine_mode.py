@@ -45,7 +45,8 @@ def test_registering_a_function_twice_is_refused_and_changes_nothing():
 def test_supported_functions_lists_every_family():
     names = supported_functions()
     assert list(names) == sorted(names)
-    for n in ("linear", "conv2d", "max_pool2d", "relu", "add", "cross_entropy", "reshape", "cat"):
+    for n in ("linear", "conv2d", "max_pool2d", "relu", "add", "cross_entropy", "reshape", "cat",
+              "autograd_function_apply"):
         assert n in names
 
 
@@ -70,16 +71,26 @@ def test_a_new_rule_joins_without_editing_the_engine():
 # -- per-pass state -----------------------------------------------------------------------------------------
 
 
+class _Reverse(torch.autograd.Function):
+    """Gradient reversal: its jvp must be used in every thread (and k > 1 batches it with vmap)."""
+
+    forward = staticmethod(lambda x: x.view_as(x))
+    setup_context = staticmethod(lambda ctx, inputs, output: None)
+    jvp = staticmethod(lambda ctx, t: -t)
+
+
 def _problems():
-    """Two passes using the rules shared by several functions (view/cat/to), of different k and sizes."""
+    """Two passes using the rules shared by several functions (view/cat/to) and a custom Function, of
+    different k and sizes."""
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
     x = r(64, 96)
-    a = (lambda p: torch.relu(F.linear(x, p["w"], p["b"])).view(64, 8, 16).sum(), {"w": r(128, 96), "b": r(128)})
+    a = (lambda p: torch.relu(F.linear(x, p["w"], p["b"])).view(64, 8, 16).sum(),
+         {"w": r(128, 96), "b": r(128)})
 
     def fb(p):
         h = torch.cat([p["u"], 2 * p["u"]], 0).to(torch.float32).reshape(-1, 50).tanh()
-        return h.double().sum()
+        return _Reverse.apply(h).double().sum()
 
     b = (fb, {"u": r(300, 20)})
     out = []
@@ -149,7 +160,8 @@ def test_a_pass_inside_a_pass_gives_both_their_derivatives():
     torch.testing.assert_close(inner_seen[0][0], li_ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(inner_seen[0][1], di_ref, rtol=1e-12, atol=1e-14)
     # the inner results are detached: constants for the outer pass, as with torch.func
-    d_ref = _jvps(lambda p: (p["w"].sin() * li_ref).sum() + (p["w"] * di_ref.sum()).sum(), {"w": w}, {"w": tw}, 3)
+    outer_ref = lambda p: (p["w"].sin() * li_ref).sum() + (p["w"] * di_ref.sum()).sum()  # noqa: E731
+    d_ref = _jvps(outer_ref, {"w": w}, {"w": tw}, 3)
     torch.testing.assert_close(loss, outer({"w": w}, []), rtol=1e-12, atol=0)
     torch.testing.assert_close(d, d_ref, rtol=1e-12, atol=1e-14)
 

@@ -1,8 +1,8 @@
 """Rules for shape, indexing and copy ops, dropout, and ops whose result has no tangent.
 
 Shape and indexing ops are linear and act on each tangent alone: the tangent of the result is the same op
-applied to the ``(k, *shape)`` tangent, with primal dims shifted by one (:func:`~fwdgrad.engine.tangents.tdim`)
-so k stays in front.
+applied to the ``(k, *shape)`` tangent, with primal dims shifted by one
+(:func:`~fwdgrad.engine.tangents.tdim`) so k stays in front.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from fwdgrad.errors import Unsupported
 T = torch.Tensor
 
 
-@register_each(T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.squeeze, torch.squeeze, T.unsqueeze,
-               torch.unsqueeze, T.contiguous, T.view_as, T.reshape_as, T.unflatten, torch.unflatten)
+@register_each(T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.squeeze, torch.squeeze,
+               T.unsqueeze, torch.unsqueeze, T.contiguous, T.view_as, T.reshape_as, T.unflatten,
+               torch.unflatten)
 def _reshape(func: Callable, s: PassState, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     """Ops that only change the shape (element order unchanged): the tangent reshaped like the output."""
     if func is T.view and args and isinstance(args[0], torch.dtype):
