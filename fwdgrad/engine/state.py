@@ -8,7 +8,7 @@ tangents under its own attribute name, so neither pass ever reads the other's ta
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
@@ -23,7 +23,7 @@ class PassState:
 
     Attributes:
         attr: the attribute under which this pass hangs tangents off primal tensors. It is unique per pass
-            (a random UUID, never reused the way ``id()`` values are), so a tensor carrying the tangents of
+            (64 random bits, never reused the way ``id()`` values are), so a tensor carrying the tangents of
             another pass, or of a finished one, carries none for this pass.
         stats: the caller's dict, or ``None``; receives ``max_bytes_per_tangent``, the largest intermediate
             tangent of the pass divided by k.
@@ -32,7 +32,7 @@ class PassState:
     __slots__ = ("attr", "stats")
 
     def __init__(self, stats: Optional[Dict[str, float]] = None) -> None:
-        self.attr = f"_fwdgrad_tangents_{uuid.uuid4().hex}"
+        self.attr = "_fwdgrad_tangents_" + os.urandom(8).hex()
         self.stats = stats
         if stats is not None:
             stats["max_bytes_per_tangent"] = 0.0
