@@ -154,8 +154,14 @@ def forward_tangents(
 
 
 # ------------------------------------------------------------------------ custom autograd.Functions
-#: torch's own ``Function.apply`` (the C descriptor, whatever ``torch.autograd.Function.apply`` is now).
-_TORCH_APPLY = torch._C._FunctionBase.__dict__["apply"]
+def _torch_apply() -> Any:
+    """torch's own ``Function.apply`` descriptor: the one installed now (a C method in torch 2.14, a Python
+    classmethod in older versions), or the one a previous import of this module wrapped."""
+    current = torch.autograd.Function.__dict__["apply"]
+    return getattr(getattr(current, "__func__", None), "torch_apply", current)
+
+
+_TORCH_APPLY = _torch_apply()
 
 
 def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
@@ -174,6 +180,7 @@ def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     return _TORCH_APPLY.__get__(None, cls)(*args, **kwargs)
 
 
+autograd_function_apply.torch_apply = _TORCH_APPLY  # type: ignore[attr-defined]
 torch.autograd.Function.apply = classmethod(autograd_function_apply)  # type: ignore[assignment]
 
 
