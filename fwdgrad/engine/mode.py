@@ -167,10 +167,10 @@ _TORCH_APPLY = _torch_apply()
 def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd.Function.apply``, seen by a tangent pass running in this thread (module docstring).
 
-    Without a :class:`TangentMode` on this thread's mode stack it is torch's ``apply``, unchanged (one C call
-    to read the stack length more). With one, it dispatches through ``__torch_function__`` with itself as the
-    function, so the pass routes the call to the rule registered for it; other modes above the pass see it
-    too, and reach the pass by calling it again.
+    Without a :class:`TangentMode` on this thread's mode stack it is torch's ``apply``, unchanged, for the
+    cost of one more C call (the stack's length). With one, it dispatches through ``__torch_function__`` with
+    itself as the function, so the pass routes the call to the rule registered for it; other modes above the
+    pass see it too, and reach the pass by calling it again.
     """
     n = torch._C._len_torch_function_stack()
     if n and any(isinstance(torch._C._get_function_stack_at(i), TangentMode) for i in range(n)):
@@ -192,9 +192,10 @@ def _inside_function_message() -> str:
     if len(classes) > 1:
         name += " (or a subclass sharing its forward)"
     return (
-        f"an op on tangent-carrying tensors ran inside the forward of {name}, called through a reference to "
-        "torch's Function.apply taken before fwdgrad was imported; the fast engine can only use a Function's "
-        "jvp when apply is looked up after `import fwdgrad` (call `MyFunction.apply(...)`, not an alias)"
+        f"an op on tangent-carrying tensors ran inside the forward of {name}, which was called without going "
+        "through torch.autograd.Function.apply as fwdgrad installs it (e.g. through a reference to apply taken "
+        "before fwdgrad was imported); the fast engine uses a Function's jvp only when it is called as "
+        "`MyFunction.apply(...)` after `import fwdgrad`"
     )
 
 
