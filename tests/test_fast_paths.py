@@ -1,7 +1,7 @@
 """The fast paths against the generic torch.func reference, and the rank-one distribution's statistics.
 
 Every fast path sits behind ``ForwardGradient(..., backend=...)``: ``backend="func"`` is ``torch.func.jvp``
-(``vmap`` over it for k > 1), the reference; ``"fast"`` is :mod:`fwdgrad.fast`. With the same seed both see the
+(``vmap`` over it for k > 1), the reference; ``"fast"`` is :mod:`fwdgrad.engine`. With the same seed both see the
 same tangents, so their directional derivatives must agree to rounding.
 
 Statistics: for rank-one tangents the per-component variance of g = d u v^T is derived in

@@ -1,12 +1,32 @@
-"""The fast forward-mode engine (to be split into a package: the mode, and rules by op family).
+"""The fast forward-mode engine: one forward pass carrying k tangents, with hand-written, batched rules.
+
+``torch.func.jvp`` (and ``vmap`` over it for k tangents) is exact and general, but it pays for generality:
+the decomposed ``linear`` rule materialises transposes, ReLU tangents go through ``threshold_backward``, and
+with k tangents ``vmap`` re-batches every op. This engine computes the same directional derivatives
+
+    d_i = <grad f(theta), V_i>,   i = 1..k,
+
+in **one** forward pass, carrying all k tangents of every intermediate tensor at once, with rules written
+for the layers that dominate the cost.
+
+Layout: :mod:`~fwdgrad.engine.mode` (the TorchFunctionMode and :func:`forward_tangents`, how custom
+``autograd.Function``s reach it), :mod:`~fwdgrad.engine.state` (per-pass state),
+:mod:`~fwdgrad.engine.tangents` (tangent types and layout), :mod:`~fwdgrad.engine.registry` (the rule
+table) and :mod:`~fwdgrad.engine.rules` (the rules, by op family).
 
 Public interface, stable for the estimators: :func:`forward_tangents`, the tangent types :class:`RankOne`,
-:class:`Regenerated`, ``Tangent``, :func:`tangent_slice`, :func:`supported_functions`, and
-:class:`~fwdgrad.errors.Unsupported`.
+:class:`Regenerated`, ``Tangent``, :func:`tangent_slice`, :func:`supported_functions`,
+:class:`~fwdgrad.errors.Unsupported`, and :func:`register` / :func:`register_each` for new rules.
+
+Importing it replaces ``torch.autograd.Function.apply`` by a thin wrapper that behaves exactly like torch's
+outside a pass (see :mod:`fwdgrad.engine.mode`).
 """
 
+from fwdgrad.engine import rules  # noqa: F401  (registers every rule)
+from fwdgrad.engine.mode import forward_tangents
+from fwdgrad.engine.registry import register, register_each, supported_functions
+from fwdgrad.engine.tangents import RankOne, Regenerated, Tangent, tangent_slice
 from fwdgrad.errors import Unsupported
-from fwdgrad.fast import RankOne, Regenerated, Tangent, forward_tangents, supported_functions, tangent_slice
 
-__all__ = ["RankOne", "Regenerated", "Tangent", "Unsupported", "forward_tangents", "supported_functions",
-           "tangent_slice"]
+__all__ = ["RankOne", "Regenerated", "Tangent", "Unsupported", "forward_tangents", "register",
+           "register_each", "supported_functions", "tangent_slice"]

@@ -1,0 +1,220 @@
+"""The forward-mode pass: a TorchFunctionMode that routes torch calls on tangent-carrying tensors to rules.
+
+How it works
+------------
+``forward_tangents(fn, params, tangents, k)`` gives each parameter a fresh alias carrying its tangents as an
+attribute and runs ``fn`` under a :class:`TangentMode`. Every torch call that touches a tensor with
+tangents is routed to its rule (:mod:`fwdgrad.engine.registry`), which computes the primal output and its
+tangents; calls that touch no tangent run untouched. An op without a rule whose result is floating point
+raises :class:`~fwdgrad.errors.Unsupported`, and the estimator then falls back to ``torch.func`` (correct,
+just slower). Because tangents hang off the primal tensors themselves, they die with them: like every
+forward-mode pass, nothing is stored for later.
+
+Everything a pass needs lives in its :class:`~fwdgrad.engine.state.PassState`, created per call and handed
+to the rules: passes in two threads, or one pass inside another, never see each other's tangents.
+
+Custom ``torch.autograd.Function``s
+-----------------------------------
+``Function.apply`` never reaches a TorchFunctionMode (in torch 2.14 it is ``_C._FunctionBase.apply``, in
+C++; it does not call ``__torch_function__``). The mode sees only the ops *inside* the Function's
+``forward``, and differentiating those ignores the Function's own derivative: a gradient-reversal layer would
+come out with the wrong sign, a straight-through estimator as zero. Two mechanisms make that impossible:
+
+* Importing the engine replaces ``torch.autograd.Function.apply`` by :func:`autograd_function_apply`, which
+  calls torch's own ``apply`` unchanged unless a tangent pass is running in this thread; then it dispatches
+  the call through ``__torch_function__`` (like any torch function), and the mode's rule
+  (:mod:`fwdgrad.engine.rules.autograd_function`) runs the Function's ``forward`` on the primals and its
+  ``jvp`` on the tangents.
+* A guard for calls that bypass the replacement (a reference to ``apply`` taken before fwdgrad was imported):
+  torch's ``apply`` turns forward-mode AD off around ``forward`` (``torch._C._is_fwd_grad_enabled()`` is
+  ``False`` there, and :func:`forward_tangents` turns it on for its pass). A tangent-carrying op seen while
+  it is off is inside a Function's ``forward``: the mode raises :class:`~fwdgrad.errors.Unsupported`, so
+  the estimator falls back to ``torch.func`` (which calls the ``jvp``) visibly instead of going wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import FrameType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch.overrides import TorchFunctionMode, handle_torch_function
+
+from fwdgrad.engine.registry import lookup
+from fwdgrad.engine.state import PassState
+from fwdgrad.engine.tangents import Tangent, dense
+from fwdgrad.errors import Unsupported
+
+__all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "is_in_place"]
+
+#: Whether forward-mode AD is on in this thread (torch's ``apply`` turns it off around a Function's forward).
+_fwd_grad_enabled = torch._C._is_fwd_grad_enabled
+
+_IN_PLACE_DUNDERS = frozenset(
+    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+                            "xor", "lshift", "rshift")
+) | {"__setitem__"}
+
+
+class TangentMode(TorchFunctionMode):
+    """Route every torch call on tensors carrying tangents of one pass to its rule (module docstring)."""
+
+    def __init__(self, state: PassState) -> None:
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        state = self.state
+        if not state.carries(args, kwargs):
+            return func(*args, **kwargs)
+        if not _fwd_grad_enabled():  # inside the forward of a custom Function that bypassed the hook
+            raise Unsupported(_inside_function_message())
+        rule = lookup(func)
+        if rule is not None:
+            return rule(state, *args, **kwargs)
+        return _without_rule(func, args, kwargs)
+
+
+def func_name(func: Callable) -> str:
+    """A torch function's qualified name, for messages."""
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+
+
+def is_in_place(func: Callable, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``func`` writes into a tensor argument: ``x.add_``, ``x += y``, ``x[i] = y``, ``inplace=True``
+    or ``out=`` (by name, so that it is known before the op runs)."""
+    short = func_name(func).rsplit(".", 1)[-1]
+    return (short.endswith("_") and not short.endswith("__")) or short in _IN_PLACE_DUNDERS or bool(
+        kwargs.get("inplace", False)) or "out" in kwargs
+
+
+def _without_rule(func: Callable, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    """Run an op that has no rule if its result cannot need a tangent; refuse it otherwise."""
+    name = func_name(func)
+    if is_in_place(func, kwargs):  # checked before running: a fallback must not see half-mutated tensors
+        raise Unsupported(f"in-place op {name} on a tangent-carrying tensor")
+    out = func(*args, **kwargs)
+    if _has_float_tensor(out):
+        raise Unsupported(f"no forward rule for {name}")
+    return out  # shapes, comparisons, integer results: nothing to differentiate
+
+
+def _has_float_tensor(out: Any) -> bool:
+    if isinstance(out, Tensor):
+        return out.is_floating_point() or out.is_complex()
+    if isinstance(out, (list, tuple)):
+        return any(_has_float_tensor(o) for o in out)
+    return False
+
+
+def forward_tangents(
+    fn: Callable[[Dict[str, Tensor]], Tensor],
+    params: Mapping[str, Tensor],
+    tangents: Mapping[str, Tangent],
+    k: int,
+    stats: Optional[Dict[str, float]] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Evaluate ``fn(params)`` and its k directional derivatives along ``tangents`` in one forward pass.
+
+    Args:
+        fn: maps a dict of parameter tensors to a scalar.
+        params: the point theta (``name -> Tensor``).
+        tangents: per parameter ``(k, *shape)`` dense tangents, a :class:`~fwdgrad.engine.RankOne` or a
+            :class:`~fwdgrad.engine.Regenerated`.
+        k: the number of tangents.
+        stats: if given, receives ``max_bytes_per_tangent``, the size of the largest intermediate tangent
+            divided by k (what a caller needs to split k tangents into passes of bounded memory).
+
+    Returns:
+        ``(f(theta), d)`` with ``d[i] = <grad f(theta), V_i>`` (shape ``(k,)``), both detached.
+
+    Raises:
+        Unsupported: ``fn`` used an op on tangent-carrying tensors without a rule; call ``torch.func`` instead.
+        ConfigError: ``fn`` calls a custom ``torch.autograd.Function`` that has no ``jvp``.
+    """
+    state = PassState(stats)
+    aliases = {}
+    for name, p in params.items():
+        a = p.detach()  # a fresh tensor object: the tangent attribute never touches the caller's tensor
+        setattr(a, state.attr, tangents[name])
+        aliases[name] = a
+    # forward-mode AD on for the pass (also under inference_mode): only a custom Function's forward turns it
+    # off, which is how the mode recognises ops inside one (module docstring).
+    with torch.no_grad(), _set_fwd_grad_enabled(True), TangentMode(state):
+        out = fn(aliases)
+    t = state.tangent(out)
+    if not isinstance(out, Tensor) or out.dim() != 0:
+        return out, torch.zeros(0)  # the caller reports the non-scalar loss
+    d = out.new_zeros(k) if t is None else dense(t).reshape(k)
+    return out.detach(), d.detach()
+
+
+# ------------------------------------------------------------------------ custom autograd.Functions
+def _torch_apply() -> Any:
+    """torch's own ``Function.apply`` descriptor: the one installed now (a C method in torch 2.14, a Python
+    classmethod in older versions), or the one a previous import of this module wrapped."""
+    current = torch.autograd.Function.__dict__["apply"]
+    return getattr(getattr(current, "__func__", None), "torch_apply", current)
+
+
+_TORCH_APPLY = _torch_apply()
+
+
+def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``torch.autograd.Function.apply``, seen by a tangent pass running in this thread (module docstring).
+
+    Without a :class:`TangentMode` on this thread's mode stack it is torch's ``apply``, unchanged, for the
+    cost of one more C call (the stack's length). With one, it dispatches through ``__torch_function__`` with
+    itself as the function, so the pass routes the call to the rule registered for it; other modes above the
+    pass see it too, and reach the pass by calling it again.
+    """
+    n = torch._C._len_torch_function_stack()
+    if n and any(isinstance(torch._C._get_function_stack_at(i), TangentMode) for i in range(n)):
+        relevant = tuple(a for a in args if isinstance(a, Tensor)) + tuple(
+            a for a in kwargs.values() if isinstance(a, Tensor))
+        return handle_torch_function(autograd_function_apply, relevant, cls, *args, **kwargs)
+    return _TORCH_APPLY.__get__(None, cls)(*args, **kwargs)
+
+
+autograd_function_apply.torch_apply = _TORCH_APPLY  # type: ignore[attr-defined]
+torch.autograd.Function.apply = classmethod(autograd_function_apply)  # type: ignore[assignment]
+
+
+def _inside_function_message() -> str:
+    classes = _running_function(inspect.currentframe())
+    name = "a custom torch.autograd.Function"
+    if classes:
+        name = f"{classes[0].__module__}.{classes[0].__qualname__}"
+    if len(classes) > 1:
+        name += " (or a subclass sharing its forward)"
+    return (
+        f"an op on tangent-carrying tensors ran inside the forward of {name}, which was called without going "
+        "through torch.autograd.Function.apply as fwdgrad installs it (e.g. through a reference to apply taken "
+        "before fwdgrad was imported); the fast engine uses a Function's jvp only when it is called as "
+        "`MyFunction.apply(...)` after `import fwdgrad`"
+    )
+
+
+def _running_function(frame: Optional[FrameType]) -> List[type]:
+    """The custom Functions whose ``forward`` runs in ``frame`` or one of its callers (base class first)."""
+    codes: Dict[Any, List[type]] = {}
+    todo = [torch.autograd.Function]
+    while todo:
+        for sub in todo.pop(0).__subclasses__():
+            codes.setdefault(_forward_code(sub), []).append(sub)
+            todo.append(sub)
+    while frame is not None:
+        if frame.f_code in codes:
+            return codes[frame.f_code]
+        frame = frame.f_back
+    return []
+
+
+def _forward_code(cls: type) -> Any:
+    fwd = inspect.getattr_static(cls, "forward", None)
+    fwd = fwd.__func__ if isinstance(fwd, staticmethod) else fwd
+    return getattr(inspect.unwrap(fwd), "__code__", None) if callable(fwd) else None

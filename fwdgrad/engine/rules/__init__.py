@@ -1,0 +1,16 @@
+"""The tangent rules, one module per op family; importing this package registers them all.
+
+==========================  =====================================================================
+``linear``                  ``F.linear``, matmul/mm/bmm (batch-major GEMMs, rank-one weights)
+``conv``                    ``conv2d`` (k weight tangents as extra output channels, rank-one kernels)
+``pooling``                 max/avg pooling, ``amax``
+``pointwise``               activations, exp/log/sqrt/trig/pow, arithmetic with broadcasting
+``reductions``              sum/mean, logsumexp, (log-)softmax, cross-entropy
+``shape``                   view/reshape/transpose/index/gather/cat, dropout, ops with no tangent
+``autograd_function``       custom ``torch.autograd.Function``s (their ``jvp``)
+==========================  =====================================================================
+"""
+
+from fwdgrad.engine.rules import autograd_function, conv, linear, pointwise, pooling, reductions, shape
+
+__all__ = ["autograd_function", "conv", "linear", "pointwise", "pooling", "reductions", "shape"]

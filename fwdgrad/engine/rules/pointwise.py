@@ -1,0 +1,195 @@
+"""Rules for elementwise ops: activations and functions ``y = s(x), y_dot = s'(x) x_dot``, and arithmetic
+with broadcasting.
+
+Broadcasting: a tangent ``(k, *s)`` meets primal operands of other shapes. Rules give it singleton dims
+after k (:func:`~fwdgrad.engine.tangents.aligned`) so k never lines up with a primal dim, and expand a
+result to the output's tangent shape (:func:`~fwdgrad.engine.tangents.full`) where broadcasting left it
+smaller. Tangents are never modified in place, so a rule may hand its input tangent on unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fwdgrad.engine.registry import register
+from fwdgrad.engine.state import PassState
+from fwdgrad.engine.tangents import aligned, dense, full
+from fwdgrad.errors import Unsupported
+
+T = torch.Tensor
+
+# -- activations ------------------------------------------------------------------------------------------
+
+
+@register(F.relu, torch.relu, T.relu)
+def _relu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
+    tx = dense(s.tangent(x))
+    out = torch.relu_(x) if inplace else torch.relu(x)
+    # y_dot = x_dot where x > 0, else 0 (out > 0 iff x > 0): one fused pass, no mask tensor; the primal
+    # broadcasts over the k tangents as a stride-0 view, and a batch-major tangent stays batch-major.
+    return s.attach(out, torch.ops.aten.threshold_backward(tx, out.expand_as(tx), 0))
+
+
+@register(torch.tanh, T.tanh, F.tanh)
+def _tanh(s: PassState, x: Tensor) -> Tensor:
+    out = torch.tanh(x)
+    return s.attach(out, dense(s.tangent(x)) * (1 - out * out))
+
+
+@register(torch.sigmoid, T.sigmoid, F.sigmoid)
+def _sigmoid(s: PassState, x: Tensor) -> Tensor:
+    out = torch.sigmoid(x)
+    return s.attach(out, dense(s.tangent(x)) * (out * (1 - out)))
+
+
+@register(F.silu)
+def _silu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
+    sig = torch.sigmoid(x)
+    out = x * sig
+    # d/dx x s(x) = s + x s (1 - s)
+    return s.attach(out, dense(s.tangent(x)) * (sig * (1 + x * (1 - sig))))
+
+
+@register(F.gelu)
+def _gelu(s: PassState, x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate != "none":
+        raise Unsupported("gelu(approximate='tanh')")
+    out = F.gelu(x)
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
+    pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return s.attach(out, dense(s.tangent(x)) * (cdf + x * pdf))
+
+
+# -- elementwise functions --------------------------------------------------------------------------------
+
+
+@register(torch.exp, T.exp)
+def _exp(s: PassState, x: Tensor) -> Tensor:
+    out = torch.exp(x)
+    return s.attach(out, dense(s.tangent(x)) * out)
+
+
+@register(torch.log, T.log)
+def _log(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.log(x), dense(s.tangent(x)) / x)
+
+
+@register(torch.sqrt, T.sqrt)
+def _sqrt(s: PassState, x: Tensor) -> Tensor:
+    out = torch.sqrt(x)
+    return s.attach(out, dense(s.tangent(x)) / (2 * out))
+
+
+@register(torch.neg, T.neg, T.__neg__)
+def _neg(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.neg(x), -dense(s.tangent(x)))
+
+
+@register(torch.abs, T.abs, T.__abs__)
+def _abs(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.abs(x), dense(s.tangent(x)) * torch.sign(x))
+
+
+@register(torch.sin, T.sin)
+def _sin(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.sin(x), dense(s.tangent(x)) * torch.cos(x))
+
+
+@register(torch.cos, T.cos)
+def _cos(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.cos(x), -dense(s.tangent(x)) * torch.sin(x))
+
+
+@register(torch.square, T.square)
+def _square(s: PassState, x: Tensor) -> Tensor:
+    return s.attach(torch.square(x), dense(s.tangent(x)) * (2 * x))
+
+
+@register(torch.pow, T.pow, T.__pow__)
+def _pow(s: PassState, x: Any, e: Any) -> Tensor:
+    out = torch.pow(x, e)
+    tx, te = dense(s.tangent(x)), dense(s.tangent(e))
+    if te is not None:
+        raise Unsupported("pow with a tangent-carrying exponent")
+    # d x^e = e x^(e-1) x_dot (e a constant)
+    if isinstance(e, (int, float)) and e == 2:
+        return s.attach(out, tx * (2 * x))
+    return s.attach(out, full(tx * (e * torch.pow(x, e - 1)), out.shape))
+
+
+@register(T.__rpow__)
+def _rpow(s: PassState, e: Tensor, base: Any) -> Tensor:  # base ** e, base a number
+    out = torch.pow(base, e)
+    return s.attach(out, dense(s.tangent(e)) * (out * math.log(base)))
+
+
+# -- arithmetic with broadcasting -------------------------------------------------------------------------
+
+
+def _addsub(s: PassState, a: Any, b: Any, alpha: Any, sign: int, out: Tensor) -> Tensor:
+    ta, tb = dense(s.tangent(a)), dense(s.tangent(b))
+    if tb is not None:
+        tb = tb * (sign * alpha) if (sign * alpha) != 1 else tb
+    if ta is None:
+        t = full(tb, out.shape)
+    elif tb is None:
+        t = full(ta, out.shape)  # shared, not copied: tangents are never modified in place
+    else:
+        t = full(ta, out.shape) + full(tb, out.shape)
+    return s.attach(out, t)
+
+
+@register(torch.add, T.add, T.__add__, T.__radd__)
+def _add(s: PassState, a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
+    return _addsub(s, a, b, alpha, 1, torch.add(a, b, alpha=alpha))
+
+
+@register(torch.sub, T.sub, T.__sub__)
+def _sub(s: PassState, a: Any, b: Any, *, alpha: Any = 1) -> Tensor:
+    return _addsub(s, a, b, alpha, -1, torch.sub(a, b, alpha=alpha))
+
+
+@register(T.__rsub__, torch.rsub)
+def _rsub(s: PassState, a: Tensor, b: Any, alpha: Any = 1) -> Tensor:  # b - alpha * a
+    out = torch.rsub(a, b, alpha=alpha)
+    ta, tb = dense(s.tangent(a)), dense(s.tangent(b))
+    t = full(-alpha * ta, out.shape) if ta is not None else None
+    if tb is not None:
+        t = full(tb, out.shape) if t is None else t + full(tb, out.shape)
+    return s.attach(out, t)
+
+
+@register(torch.mul, T.mul, T.__mul__, T.__rmul__)
+def _mul(s: PassState, a: Any, b: Any) -> Tensor:
+    out = torch.mul(a, b)
+    ta, tb = aligned(s.tangent(a), out), aligned(s.tangent(b), out)
+    t = None if ta is None else ta * b
+    if tb is not None:
+        t = a * tb if t is None else t + a * tb
+    return s.attach(out, full(t, out.shape))
+
+
+@register(torch.div, torch.true_divide, T.div, T.__truediv__, T.true_divide)
+def _div(s: PassState, a: Any, b: Any, *, rounding_mode: Optional[str] = None) -> Tensor:
+    if rounding_mode is not None:
+        raise Unsupported("div with rounding_mode")
+    out = torch.div(a, b)
+    ta, tb = aligned(s.tangent(a), out), aligned(s.tangent(b), out)
+    # d(a/b) = a_dot / b - (a/b) b_dot / b
+    t = None if ta is None else ta / b
+    if tb is not None:
+        t2 = tb * (out / b)
+        t = -t2 if t is None else t - t2
+    return s.attach(out, full(t, out.shape))
+
+
+@register(T.__rtruediv__)
+def _rdiv(s: PassState, b: Tensor, a: Any) -> Tensor:  # a / b with a a number
+    out = torch.div(a, b)
+    return s.attach(out, -dense(s.tangent(b)) * (out / b))
