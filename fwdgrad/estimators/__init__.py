@@ -3,16 +3,14 @@
 Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.base`). The forward gradient
 (:mod:`.forward`) composes:
 
-================  ==========================================================================================
-:mod:`.tangents`     tangent distributions (a registry: ``@register_distribution``), the chunked draw layout,
-                     the drawn :class:`TangentDraw`
-:mod:`.rng`          seeded-chunk random numbers (reproducible, parallel, independent of the thread count)
-:mod:`.aggregation`  aggregations ``c(d)`` with ``g = B c`` (a registry: ``@register_aggregation``) and
-                     :func:`combine`
-:mod:`.regeneration` the memory policy: kept/regenerated tangents, tangent groups under a budget
-:mod:`.backends`     directional derivatives by the fast engine or ``torch.func``, and the visible fallback
-:mod:`.registry`     the registry both registries are
-================  ==========================================================================================
+* :mod:`.tangents`: tangent distributions (a registry, ``@register_distribution``), the chunked draw layout
+  and the drawn :class:`TangentDraw`;
+* :mod:`.rng`: seeded-chunk random numbers (reproducible, parallel, independent of the thread count);
+* :mod:`.aggregation`: aggregations as coefficient rules ``c(d)`` with ``g = B c`` (a registry,
+  ``@register_aggregation``) and :func:`combine`, which builds ``B c``;
+* :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
+* :mod:`.backends`: the directional derivatives by the fast engine or ``torch.func``, and the visible fallback;
+* :mod:`.registry`: the registry class both registries are.
 """
 
 from fwdgrad.estimators.aggregation import (
