@@ -1,12 +1,12 @@
-"""The fast engine's rules against the generic torch.func reference, through the estimator.
+"""The fast engine's rules against the generic torch.func reference, through the estimator's backends.
 
 Every fast path sits behind ``ForwardGradient(..., backend=...)``: ``backend="func"`` is ``torch.func.jvp``
-(``vmap`` over it for k > 1), the reference; ``"fast"`` is :mod:`fwdgrad.engine`. With the same seed both see the
+(``vmap`` over it for k > 1), the reference; ``"fast"`` is :mod:`fwdgrad.fast`. With the same seed both see the
 same tangents, so their directional derivatives must agree to rounding.
 
-The estimator-level tests that used to live here moved with their code: tangent draws and rank-one statistics to
+The estimator-level tests that were here moved with their code: tangent draws and rank-one statistics to
 ``test_tangents.py``, the chunked RNG to ``test_rng.py``, the rank-one Gram matrix to ``test_aggregation.py``,
-regeneration and tangent groups to ``test_regeneration.py``, fallback, buffers and ``describe()`` to
+regeneration and tangent groups to ``test_regeneration.py``, fallback, buffers, ``describe()`` to
 ``test_forward_gradient.py``.
 """
 

@@ -49,6 +49,11 @@ class ForwardGradient(GradientEstimator):
             Dense distributions with the fast backend only (else ignored).
         max_tangent_mib: the fast path runs the k tangents in groups so that no intermediate tangent tensor
             exceeds about this many MiB (each group repeats the primal pass).
+
+    Attributes (the parts): ``rule`` (the aggregation's coefficient rule), ``tangent_distribution``,
+    ``dispatch`` (:class:`~fwdgrad.estimators.backends.BackendDispatch`), ``memory``
+    (:class:`~fwdgrad.estimators.regeneration.TangentMemoryPolicy`, with the state it carries between calls),
+    ``rng`` (:class:`~fwdgrad.estimators.rng.ChunkedRNG`, with its thread pool).
     """
 
     def __init__(

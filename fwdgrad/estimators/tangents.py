@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fwdgrad.engine import RankOne, Regenerated, Tangent
-from fwdgrad.estimators import rng as _rng
+from fwdgrad.estimators import rng as _rng  # the module: its CHUNK is read at call time (a test may patch it)
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.rng import ChunkedRNG, ChunkJob
 
