@@ -5,18 +5,35 @@ Public API::
     from fwdgrad import ForwardGradient, Backprop
     est = ForwardGradient(num_tangents=1, aggregation="mean", distribution="normal", seed=0)
     loss, grads = est(loss_fn, params)
+
+New tangent distributions and aggregations join by a decorator, with no edit to the estimator::
+
+    @fwdgrad.register_distribution("my_tangents")
+    def my_tangents(shape, generator, dtype, device): ...        # (k, *param_shape), E[v v^T] = I
+
+    @fwdgrad.register_aggregation("my_rule")
+    def my_rule(x: fwdgrad.AggregationInput) -> Tensor: ...     # coefficients c of g = B c
+
+The parts (tangents, rng, aggregation, regeneration, backends) are in :mod:`fwdgrad.estimators`.
 """
 
 from fwdgrad.estimators import (
     AGGREGATIONS,
     BACKENDS,
     TANGENT_DISTRIBUTIONS,
+    AggregationInput,
     Backprop,
     ForwardGradient,
     GradientEstimator,
+    TangentDistribution,
+    TangentDraw,
+    aggregate,
+    combine,
     cosine_similarity,
     estimate_module_grads,
     kept_prefix,
+    register_aggregation,
+    register_distribution,
     total_numel,
 )
 from fwdgrad import functional
@@ -25,13 +42,20 @@ __all__ = [
     "AGGREGATIONS",
     "BACKENDS",
     "TANGENT_DISTRIBUTIONS",
+    "AggregationInput",
     "Backprop",
     "ForwardGradient",
     "GradientEstimator",
+    "TangentDistribution",
+    "TangentDraw",
+    "aggregate",
+    "combine",
     "cosine_similarity",
     "estimate_module_grads",
     "functional",
     "kept_prefix",
+    "register_aggregation",
+    "register_distribution",
     "total_numel",
 ]
 __version__ = "0.1.0"

@@ -49,7 +49,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import ForwardGradient, LossFn, Params
+from fwdgrad.estimators import AGGREGATIONS, ForwardGradient, LossFn, Params, aggregate
 
 __all__ = [
     "GradientSource",
@@ -257,16 +257,17 @@ def sample_quality(
 ) -> dict[str, QualitySamples]:
     """Draw ``num_samples`` estimates of ``grad`` per aggregation, with common tangents across aggregations.
 
-    One estimator per aggregation is built with the same seed, so each would draw the same tangents; we draw
-    them once per sample with the estimator's own stages (``sample_tangents`` and ``directional_derivatives``,
-    exactly what ``est(loss_fn, params)`` runs) and hand the same tangents and derivatives to every
-    aggregation's ``aggregate``. The result equals calling each estimator ``num_samples`` times (a test checks
-    this), at a third of the cost, and the comparison between aggregations is a paired one.
+    One estimator (built for the first aggregation) draws the tangents and computes the directional
+    derivatives with its own stages (``draw`` and ``directional_derivatives``, exactly what
+    ``est(loss_fn, params)`` runs); every aggregation's rule (:data:`~fwdgrad.estimators.AGGREGATIONS`) is then
+    applied to the same tangents and derivatives. The result equals calling an estimator per aggregation
+    with the same seed ``num_samples`` times (a test checks this), at a fraction of the cost, and the
+    comparison between aggregations is a paired one.
     """
     if not aggregations:
         return {}
-    estimators = {agg: make_estimator(num_tangents, agg, distribution) for agg in aggregations}
-    sampler = estimators[aggregations[0]]
+    rules = {agg: AGGREGATIONS.lookup(agg) for agg in aggregations}
+    sampler = make_estimator(num_tangents, aggregations[0], distribution)
     loss_fn = linear_loss(grad)
     single = isinstance(grad, Tensor)
     params = {name: torch.zeros_like(t) for name, t in _as_dict(grad).items()}
@@ -276,11 +277,12 @@ def sample_quality(
         raise ConfigError("the true gradient is zero: cosine similarity is undefined; check the source.")
     cos = {agg: np.empty(num_samples) for agg in aggregations}
     ratio = {agg: np.empty(num_samples) for agg in aggregations}
+    n = int(a.numel())
     for m in range(num_samples):
-        tangents = sampler.sample_tangents(params)
+        tangents = sampler.draw(params).tangents
         _, d = sampler.directional_derivatives(loss_fn, params, tangents, single)
-        for agg, est in estimators.items():
-            g = flatten_params(est.aggregate(tangents, d)).double()
+        for agg, rule in rules.items():
+            g = flatten_params(aggregate(rule, tangents, d, n)).double()
             g_norm = float(g.norm())
             cos[agg][m] = float(g @ a) / (g_norm * a_norm) if g_norm > 0 else 0.0
             ratio[agg][m] = g_norm / a_norm

@@ -33,12 +33,12 @@ from torch import Tensor
 
 from fwdgrad.errors import ConfigError, WorkerLostError
 from fwdgrad.estimators import (
-    ForwardGradient,
+    DirectionalEstimator,
     GradientEstimator,
     LossFn,
     Params,
-    _from_dict,
-    _to_dict,
+    as_param_dict,
+    from_param_dict,
 )
 
 __all__ = ["DataParallelEstimator", "init_from_env", "find_free_port",
@@ -122,9 +122,11 @@ class CommStats:
 class DataParallelEstimator(GradientEstimator):
     """Wrap an estimator so that ranks computing on shards of one batch agree on the full-batch estimate.
 
-    * :class:`ForwardGradient`: tangents are drawn identically on every rank (same seed), the local loss and the
-      k directional derivatives are all-reduced as one (k + 1)-vector of weighted values, and each rank then
-      aggregates locally. Traffic: k + 1 floats per step.
+    * :class:`~fwdgrad.estimators.ForwardGradient` (any :class:`~fwdgrad.estimators.DirectionalEstimator`):
+      tangents are drawn identically on every rank (same seed) by the estimator's own draw, so rank-one
+      factors and regenerated tangents stay as they are; the local loss and the k directional derivatives
+      are all-reduced as one (k + 1)-vector of weighted values, and each rank then aggregates locally.
+      Traffic: k + 1 floats per step.
     * any other estimator (e.g. :class:`Backprop`): the local gradient is computed and all-reduced with weight
       ``w_r``. Traffic: n + 1 floats per step.
 
@@ -174,17 +176,19 @@ class DataParallelEstimator(GradientEstimator):
         self.stats = CommStats()
         est = self.estimator
         w = self.weight
-        if isinstance(est, ForwardGradient):
-            p, single = _to_dict(params)
+        if isinstance(est, DirectionalEstimator):
+            p, single = as_param_dict(params)
             p = {name: t.detach() for name, t in p.items()}
-            tangents = est.sample_tangents(p)  # identical on every rank: same seed, same call sequence
-            loss, d = est.directional_derivatives(loss_fn, p, tangents, single)
+            # The estimator's own draw, as in its __call__ (rank-one factors, regenerated tangents, reused
+            # buffers): identical on every rank, since the ranks share the seed and the call sequence.
+            draw = est.draw(p)
+            loss, d = est.directional_derivatives(loss_fn, p, draw.tangents, single)
             # One all-reduce of k + 1 scalars: the weighted local loss and directional derivatives.
             packed = self._all_reduce(torch.cat([loss.reshape(1), d]).to(torch.float64) * w)
             loss, d = packed[0].to(loss.dtype), packed[1:].to(d.dtype)
-            return loss, _from_dict(est.aggregate(tangents, d), single)
+            return loss, from_param_dict(est.estimate(draw, d), single)
         loss, grads = est(loss_fn, params)
-        g, single = _to_dict(grads)
+        g, single = as_param_dict(grads)
         names = list(g)
         flat = torch.cat([loss.reshape(1).to(g[names[0]].dtype)] + [g[n].reshape(-1) for n in names]) * w
         flat = self._all_reduce(flat)
@@ -192,4 +196,4 @@ class DataParallelEstimator(GradientEstimator):
         for n in names:
             out[n] = flat[offset: offset + g[n].numel()].view_as(g[n])
             offset += g[n].numel()
-        return flat[0].to(loss.dtype), _from_dict(out, single)
+        return flat[0].to(loss.dtype), from_param_dict(out, single)

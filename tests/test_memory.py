@@ -1,13 +1,13 @@
-"""Peak-memory measurement (:mod:`fwdgrad.memory`) and the memory model behind ``regenerate_tangents="auto"``."""
+"""Peak-memory measurement (:mod:`fwdgrad.memory`), and the measured peaks of ``regenerate_tangents`` against the
+memory model (whose unit tests, with :func:`~fwdgrad.estimators.kept_prefix`, are in ``test_regeneration.py``)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 
-from fwdgrad import Backprop, ForwardGradient, estimate_module_grads, kept_prefix
+from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
+from fwdgrad.estimators import PASS_TENSORS
 from fwdgrad.functional import cross_entropy
 from fwdgrad.memory import MIB, RssPeak, tensor_peak_mib
 from fwdgrad.models import MLP
@@ -35,33 +35,6 @@ def test_rss_peak_sees_touched_memory():
     assert 16.0 <= grown < 16.0 + 8.0
 
 
-def _predicted_peak(sizes, keep, pass_bytes):
-    n = sum(sizes)
-    if keep == len(sizes):
-        return n + pass_bytes
-    return max(n, sum(sizes[:keep]) + pass_bytes + max(sizes[keep:]))
-
-
-def test_kept_prefix_cases():
-    assert kept_prefix([], 10.0) == 0
-    assert kept_prefix([4.0, 1.0, 4.0], 2.0) == 3  # pass smaller than a block: regenerating saves nothing
-    assert kept_prefix([4.0, 1.0, 4.0], 100.0) == 0  # the pass dominates: regenerate everything
-    # the deep MLP's shape: 33 equal blocks, a pass of 8 blocks: keep 25, regenerate the last 8
-    assert kept_prefix([1.0] * 33, 8.0) == 25
-
-
-def test_kept_prefix_is_the_longest_prefix_within_one_block_of_the_floor():
-    rng = random.Random(0)
-    for _ in range(500):
-        sizes = [rng.choice([0.01, 1.0, 3.0, 8.0]) * rng.random() + 0.001 for _ in range(rng.randint(1, 12))]
-        pass_bytes = rng.random() * 2 * sum(sizes)
-        keep = kept_prefix(sizes, pass_bytes)
-        bound = max(sum(sizes), pass_bytes) + max(sizes)
-        assert _predicted_peak(sizes, keep, pass_bytes) <= bound + 1e-9
-        if keep < len(sizes):  # keeping one more block would break the bound
-            assert _predicted_peak(sizes, keep + 1, pass_bytes) > bound - 1e-9
-
-
 def test_auto_regeneration_peak_matches_the_model_on_a_deep_mlp():
     # 16 hidden layers of width 256 at batch 512: each weight tangent is 256 KiB, each activation 512 KiB,
     # so the pass (4 activations, 2 MiB) is bigger than a block and smaller than n (4.3 MiB).
@@ -87,8 +60,8 @@ def test_auto_regeneration_peak_matches_the_model_on_a_deep_mlp():
         "regenerated": two_steps(ForwardGradient(regenerate_tangents=True)),
     }
     small = 64 * 1024  # losses, biases' tangents, the loss's softmax over 10 classes
-    floor = max(n, ForwardGradient.PASS_TENSORS * act)
-    assert peaks["kept"] == pytest.approx(n + ForwardGradient.PASS_TENSORS * act, abs=small)
+    floor = max(n, PASS_TENSORS * act)
+    assert peaks["kept"] == pytest.approx(n + PASS_TENSORS * act, abs=small)
     assert floor - small <= peaks["regenerated"] <= peaks["auto"] <= floor + block + small
     assert peaks["auto"] < peaks["kept"] - block
     assert peaks["backprop"] > 16 * act  # it stores every layer's activation

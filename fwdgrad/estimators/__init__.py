@@ -1,0 +1,93 @@
+"""Gradient estimators: one interface for backprop and for forward gradients, built from small parts.
+
+Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.base`). The forward gradient
+(:mod:`.forward`) composes:
+
+* :mod:`.tangents`: tangent distributions (a registry, ``@register_distribution``), the chunked draw layout
+  and the drawn :class:`TangentDraw`;
+* :mod:`.rng`: seeded-chunk random numbers (reproducible, parallel, independent of the thread count);
+* :mod:`.aggregation`: aggregations as coefficient rules ``c(d)`` with ``g = B c`` (a registry,
+  ``@register_aggregation``) and :func:`combine`, which builds ``B c``;
+* :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
+* :mod:`.backends`: the directional derivatives by the fast engine or ``torch.func``, and the visible fallback;
+* :mod:`.registry`: the registry class both registries are.
+"""
+
+from fwdgrad.estimators.aggregation import (
+    AGGREGATIONS,
+    Aggregation,
+    AggregationInput,
+    aggregate,
+    combine,
+    gram_matrix,
+    register_aggregation,
+    solve_gram,
+)
+from fwdgrad.estimators.backends import BACKENDS, BackendDispatch
+from fwdgrad.estimators.base import (
+    Backprop,
+    DirectionalEstimator,
+    GradientEstimator,
+    LossFn,
+    Params,
+    as_param_dict,
+    check_scalar_loss,
+    cosine_similarity,
+    estimate_module_grads,
+    flatten,
+    from_param_dict,
+    total_numel,
+)
+from fwdgrad.estimators.forward import ForwardGradient
+from fwdgrad.estimators.registry import Registry
+from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
+from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.tangents import (
+    TANGENT_DISTRIBUTIONS,
+    ChunkedDistribution,
+    DrawContext,
+    SamplerDistribution,
+    TangentDistribution,
+    TangentDraw,
+    TangentSampler,
+    register_distribution,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "Aggregation",
+    "AggregationInput",
+    "BACKENDS",
+    "BackendDispatch",
+    "Backprop",
+    "ChunkedDistribution",
+    "ChunkedRNG",
+    "DirectionalEstimator",
+    "DrawContext",
+    "ForwardGradient",
+    "GradientEstimator",
+    "LossFn",
+    "PASS_TENSORS",
+    "Params",
+    "Registry",
+    "SamplerDistribution",
+    "TANGENT_DISTRIBUTIONS",
+    "TangentDistribution",
+    "TangentDraw",
+    "TangentMemoryPolicy",
+    "TangentSampler",
+    "aggregate",
+    "as_param_dict",
+    "check_scalar_loss",
+    "combine",
+    "cosine_similarity",
+    "estimate_module_grads",
+    "flatten",
+    "from_param_dict",
+    "gram_matrix",
+    "kept_prefix",
+    "register_aggregation",
+    "register_distribution",
+    "solve_gram",
+    "total_numel",
+]

@@ -1,0 +1,133 @@
+"""How the directional derivatives ``d = B^T grad f`` are computed: the fast engine or ``torch.func``.
+
+* ``"fast"``: :func:`fwdgrad.engine.forward_tangents`, one forward pass carrying all k tangents (in groups
+  under the memory budget), with batched rules for linear/conv layers and rank-one rules.
+* ``"func"``: ``torch.func.jvp`` (``vmap`` over it for k > 1; the primal is computed once and only the
+  tangents carry the extra batch dimension). The generic reference.
+* ``"auto"`` (default): ``fast``, falling back to ``func`` the first time the loss uses an op the fast engine
+  has no rule for. The fallback is for good (the same loss would fail the same way every step) and visible:
+  one warning in the log, :attr:`BackendDispatch.fallback_reason`, and ``describe()`` reporting
+  ``"func (fallback: <reason>)"``.
+
+Both give the same numbers up to rounding (tests check this).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from fwdgrad.engine import Tangent, Unsupported, forward_tangents, tangent_slice
+from fwdgrad.errors import ConfigError
+from fwdgrad.estimators.base import check_scalar_loss
+from fwdgrad.estimators.regeneration import TangentMemoryPolicy
+from fwdgrad.estimators.tangents import dense_tangent
+
+__all__ = ["BACKENDS", "BackendDispatch", "fast_derivatives", "func_derivatives"]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "fast", "func")
+DictLoss = Callable[[Dict[str, Tensor]], Tensor]
+
+
+def fast_derivatives(
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy
+) -> Tuple[Tensor, Tensor]:
+    """The fast engine over all k tangents, in groups sized by ``policy``; records the pass size in it.
+
+    Raises :class:`~fwdgrad.errors.Unsupported` if the loss uses an op without a rule.
+    """
+    if k == 1:
+        stats: Dict[str, float] = {}
+        out = forward_tangents(f, params, tangents, 1, stats)
+        policy.record(stats["max_bytes_per_tangent"])
+        return out
+    ds, i, loss = [], 0, None
+    per, largest = policy.bytes_per_tangent, 0.0
+    while i < k:
+        group = policy.group_size(k - i, per)
+        part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
+        stats = {}
+        loss, d = forward_tangents(f, params, part, group, stats)
+        if loss.dim() != 0:
+            return loss, d  # the caller reports the non-scalar loss
+        per = stats["max_bytes_per_tangent"]  # sizes the next group of this call
+        largest = max(largest, per)
+        ds.append(d)
+        i += group
+    policy.record(largest)
+    assert loss is not None
+    return loss, torch.cat(ds)
+
+
+def func_derivatives(
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int
+) -> Tuple[Tensor, Tensor]:
+    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised."""
+    dense = {name: dense_tangent(t) for name, t in tangents.items()}
+    if k == 1:
+        loss, d = jvp(f, (params,), ({n: v[0] for n, v in dense.items()},))
+        check_scalar_loss(loss)
+        return loss.detach(), d.detach().reshape(1)
+
+    def one_tangent(v: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        return jvp(f, (params,), (v,))
+
+    # in_dims=0 batches only the tangents; out_dims=(None, 0): the primal output is unbatched, i.e. it was
+    # computed once for all k tangents. randomness="same": dropout masks etc. are shared by every tangent,
+    # as they must be for all k derivatives to be taken at the same point.
+    loss, d = vmap(one_tangent, in_dims=(0,), out_dims=(None, 0), randomness="same")(dense)
+    check_scalar_loss(loss)
+    return loss.detach(), d.detach().reshape(k)
+
+
+class BackendDispatch:
+    """The backend choice, and the fallback of ``"auto"`` to ``torch.func`` once it has happened."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}.")
+        self.backend = backend
+        #: Why ``"auto"`` fell back to ``torch.func`` (the engine's message), or None while it has not.
+        self.fallback_reason: Optional[str] = None
+
+    @property
+    def uses_fast(self) -> bool:
+        """Whether the next call runs the fast engine."""
+        return self.backend != "func" and self.fallback_reason is None
+
+    def describe(self) -> Optional[str]:
+        """``"func (fallback: <reason>)"`` after a fallback, the backend when not the default, else None."""
+        if self.fallback_reason is not None:
+            return f"func (fallback: {self.fallback_reason})"
+        return None if self.backend == "auto" else self.backend
+
+    def __call__(
+        self, f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int,
+        policy: TangentMemoryPolicy,
+    ) -> Tuple[Tensor, Tensor]:
+        """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached."""
+        if self.uses_fast:
+            try:
+                loss, d = fast_derivatives(f, params, tangents, k, policy)
+            except Unsupported as e:
+                self._fall_back(e)
+            else:
+                check_scalar_loss(loss)
+                return loss, d
+        return func_derivatives(f, params, tangents, k)
+
+    def _fall_back(self, error: Unsupported) -> None:
+        if self.backend == "fast":
+            raise ConfigError(
+                f"backend='fast' cannot differentiate this loss: {error}. Use backend='auto' (falls back "
+                "to torch.func) or backend='func'."
+            ) from None
+        self.fallback_reason = str(error)
+        log.warning("forward gradient: fast path unavailable (%s); using torch.func.jvp from now on "
+                    "(describe() reports backend 'func (fallback: ...)').", error)
