@@ -30,13 +30,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from fwdgrad.config import build, build_optimizer, build_scheduler, threads
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import GradientEstimator
 from fwdgrad.functions import TestFunction
@@ -157,7 +156,7 @@ def optimise(
                     "Choose a start where f is finite (function.start=[...]).")
         return (
             f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
-            f"The summary keeps the last finite iterate (iteration {t - 1}). Lower learning_rate (the last "
+            f"The summary keeps the last finite iterate (iteration {t - 1}). Lower optimization.learning_rate (the last "
             f"step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
             "(gradient.num_tangents) also reduce the variance of its steps."
         )
@@ -216,22 +215,6 @@ def optimise(
 
 
 # -- config handling ---------------------------------------------------------------------------------------
-def _instantiate(node: Any, key: str, expected: Optional[type] = None) -> Any:
-    """``hydra.utils.instantiate`` with a one-paragraph :class:`ConfigError` instead of a traceback."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"`{key}` must be a config node with a `_target_` (see configs/global_optim.yaml), "
-                          f"got {node!r}.")
-    try:
-        obj = instantiate(node)
-    except InstantiationException as err:
-        cause = err.__cause__ if err.__cause__ is not None else err
-        raise ConfigError(f"invalid `{key}` config ({OmegaConf.to_container(node)}): {cause}") from None
-    if expected is not None and not isinstance(obj, expected):
-        raise ConfigError(f"`{key}._target_` must build a {expected.__name__}, got {type(obj).__name__} "
-                          f"from {node._target_!r}.")
-    return obj
-
-
 def _positive_int(cfg: DictConfig, key: str) -> int:
     value = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -240,35 +223,31 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
 
 
 def _check_config(cfg: DictConfig) -> Tuple[int, int]:
-    missing = [k for k in ("function", "gradient", "optimizer", "iterations") if k not in cfg]
+    missing = [k for k in ("function", "gradient", "optimization", "iterations") if k not in cfg]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}; compose configs/global_optim.yaml.")
     iterations = _positive_int(cfg, "iterations")
     log_every = _positive_int(cfg, "log_every") if "log_every" in cfg else 10
-    lr = cfg.get("learning_rate")
+    lr = cfg.optimization.get("learning_rate")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0
                            or not math.isfinite(lr)):
-        raise ConfigError(f"`learning_rate` must be a finite number > 0, got {lr!r}; e.g. learning_rate=0.01.")
+        raise ConfigError(f"`optimization.learning_rate` must be a finite number > 0, got {lr!r}; e.g. "
+                          "optimization.learning_rate=0.01.")
     return iterations, log_every
 
 
-def _factories(cfg: DictConfig, start: Tensor) -> Tuple[OptimizerFactory, Optional[SchedulerFactory]]:
-    """Instantiate the optimizer/scheduler partials and try them once on a scratch copy of the start."""
-    make_optimizer = _instantiate(cfg.optimizer, "optimizer")
-    make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") is not None else None
-    try:
-        trial = make_optimizer([start.clone()])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"`optimizer` cannot be built ({OmegaConf.to_container(cfg.optimizer)}): {err}. "
-                          "Check the keys under `optimizer` against its arguments (from Adam to SGD: "
-                          "optimizer._target_=torch.optim.SGD ~optimizer.betas) and keep `_partial_: true`.") from None
-    if make_scheduler is not None:
-        try:
-            make_scheduler(trial)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"`scheduler` cannot be built ({OmegaConf.to_container(cfg.scheduler)}): {err}. "
-                              "It must be a partial torch.optim.lr_scheduler (`_partial_: true`), or "
-                              "scheduler=null.") from None
+def _factories(cfg: DictConfig, start: Tensor, iterations: int) -> Tuple[OptimizerFactory, SchedulerFactory]:
+    """The optimizer and scheduler of ``cfg.optimization`` as factories, tried once on a scratch copy of the
+    start so that a bad value fails before any work."""
+    optimizer_node, scheduler_node = cfg.optimization.optimizer, cfg.optimization.get("scheduler")
+
+    def make_optimizer(params: List[Tensor]) -> torch.optim.Optimizer:
+        return build_optimizer(optimizer_node, params)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        return build_scheduler(scheduler_node, optimizer, iterations)
+
+    make_scheduler(make_optimizer([start.clone()]))
     return make_optimizer, make_scheduler
 
 
@@ -318,11 +297,16 @@ def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None)
     Raises :class:`ConfigError` (before anything is written) for a config that cannot run.
     """
     iterations, log_every = _check_config(cfg)
-    function = _instantiate(cfg.function, "function", TestFunction)
+    with threads(cfg.get("threads")):
+        return _run(cfg, iterations, log_every, output_dir)
+
+
+def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str, Path, None]) -> Dict[str, Any]:
+    function = build(cfg.function, "function", expected=TestFunction)
     roles = ["gradient"] + (["baseline"] if cfg.get("baseline") is not None else [])
-    estimators = [_instantiate(cfg[role], role, GradientEstimator) for role in roles]
+    estimators = [build(cfg[role], role, expected=GradientEstimator) for role in roles]
     start = function.start_point(torch.float64)
-    make_optimizer, make_scheduler = _factories(cfg, start)
+    make_optimizer, make_scheduler = _factories(cfg, start, iterations)
     labels = _unique([estimator_label(e) for e in estimators], roles)
     out = _output_dir(output_dir)
     record_path = function.dim == 2
@@ -355,8 +339,9 @@ def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None)
     }
     # The summary goes first: a figure that fails to draw must not cost the numbers.
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    title = f"{type(function).__name__}, {iterations} steps, lr {cfg.get('learning_rate')}, seed {cfg.get('seed')}"
-    from fwdgrad.plotting import plot_loss_curves, plot_trajectories  # matplotlib only when needed
+    title = (f"{type(function).__name__}, {iterations} steps, lr {cfg.optimization.get('learning_rate')}, "
+             f"seed {cfg.get('seed')}")
+    from fwdgrad.plots import plot_loss_curves, plot_trajectories  # matplotlib only when needed
 
     plot_loss_curves({r.label: r.values for r in results}, function.min_value, out / "loss.png", title=title)
     if record_path:
