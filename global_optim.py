@@ -14,13 +14,13 @@ import hydra
 from omegaconf import DictConfig
 
 from fwdgrad.cli import hydra_task, run_hydra
-from fwdgrad.optimize import run_global_optim
+from fwdgrad.optimize import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="global_optim")
 @hydra_task
 def main(cfg: DictConfig) -> dict:
-    return run_global_optim(cfg)
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from fwdgrad.config import build, build_optimizer, build_scheduler, threads
-from fwdgrad.errors import ConfigError
+from fwdgrad.errors import ConfigError, RunError
 from fwdgrad.estimators import GradientEstimator
 from fwdgrad.functions import TestFunction
 
-__all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run_global_optim"]
+__all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run", "run_global_optim"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,21 @@ def _table(function: TestFunction, results: Sequence[OptimResult]) -> str:
         lines.append(f"{r.label:<{width}}  {fv:>12}  {dist:>10}  {r.iterations_run:>7}  "
                      f"{r.wall_time_s:>8.2f}  {status}")
     return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    """``global_optim.py``'s task: :func:`run_global_optim` into Hydra's run directory; an estimator that
+    diverged (a non-finite f) makes it a :class:`~fwdgrad.errors.RunError` (exit status 1), after every file is
+    written, as a non-finite training loss does in the MNIST scripts."""
+    summary = run_global_optim(cfg)
+    diverged = [label for label, r in summary["estimators"].items() if r["diverged"]]
+    if diverged:
+        raise RunError(
+            f"{', '.join(diverged)} diverged (f(x) became non-finite; see the warnings above). summary.json and "
+            "the figures keep every estimator's run up to its last finite iterate. Lower "
+            "optimization.learning_rate, or use more tangents (gradient.num_tangents) or optimization=adam_beta95."
+        )
+    return summary
 
 
 def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None) -> Dict[str, Any]:
