@@ -74,6 +74,12 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _job_name(default: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.name if HydraConfig.initialized() else default
+
+
 def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional[T]]:
     """Wrap a Hydra task function with the shared error handling and timing (module docstring)."""
 
@@ -100,7 +106,7 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional
             log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
             raise EntryExit(1) from None
         finally:
-            log.info("%s %s after %.1f s", fn.__module__, status, time.perf_counter() - t0)
+            log.info("%s %s after %.1f s", _job_name(fn.__name__), status, time.perf_counter() - t0)
             _flush_logs()
 
     return task

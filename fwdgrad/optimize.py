@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -132,85 +132,100 @@ def optimise(
         label, role: names carried into the result and the progress bar.
         progress: show a tqdm bar (only when stderr is a terminal).
     """
-    x = start.detach().clone()
-    last_finite = x.clone()
-    minima = function.minima_tensor(x.dtype)
-    optimizer = make_optimizer([x])
+    trace = _Trace(function, start, iterations, writer, log_every, record_path)
+    optimizer = make_optimizer([trace.x])
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
-    path = torch.empty(iterations + 1, x.numel(), dtype=x.dtype) if record_path else None
-    values: List[float] = []
-    message: Optional[str] = None
-    steps = 0
-
-    def distance(point: Tensor) -> float:
-        return float(torch.linalg.vector_norm(point - minima, dim=1).min())
-
-    def log_scalars(t: int, value: float, point: Tensor) -> None:
-        if writer is not None:
-            writer.add_scalar("loss", value, t)
-            writer.add_scalar("distance_to_minimum", distance(point), t)
-
-    def non_finite(t: int, value: float) -> str:
-        if t == 0:
-            return (f"{label}: f(x) = {value} at the start point {start.tolist()}; nothing to optimise. "
-                    "Choose a start where f is finite (function.start=[...]).")
-        return (
-            f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
-            f"The summary keeps the last finite iterate (iteration {t - 1}). Lower optimization.learning_rate (the last "
-            f"step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
-            "(gradient.num_tangents) also reduce the variance of its steps."
-        )
-
-    steps_iter = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False,
-                      mininterval=0.5)
+    bar = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False, mininterval=0.5)
     t0 = time.perf_counter()
-    for t in steps_iter:
-        loss, grad = estimator(function, x)
-        value = float(loss)
-        if not math.isfinite(value):
-            message = non_finite(t, value)
-            break
-        values.append(value)
-        last_finite.copy_(x)
-        if path is not None:
-            path[t] = x
-        if t % log_every == 0:
-            log_scalars(t, value, x)
-        x.grad = grad
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        steps = t + 1
-    else:
-        # All T steps taken: evaluate f(x_T), the point the summary reports.
-        with torch.no_grad():
-            value = float(function(x))
-        if math.isfinite(value):
-            values.append(value)
-            last_finite.copy_(x)
-            if path is not None:
-                path[iterations] = x
-            log_scalars(iterations, value, x)
-        else:
-            message = non_finite(iterations, value)
+    steps, bad = _descend(trace, estimator, optimizer, scheduler, bar)
+    if bad is None:  # all T steps taken: f(x_T) is the value the summary reports
+        bad = trace.finish()
     wall = time.perf_counter() - t0
-    steps_iter.close()
-
+    bar.close()
+    message = None if bad is None else _divergence_message(label, start, iterations, optimizer, *bad)
     if message is not None:
         log.warning("%s", message)
     return OptimResult(
         label=label,
         role=role,
         settings=dict(estimator.describe()),
-        values=values,
-        path=path[: len(values)].numpy() if path is not None else None,
-        final_point=[float(v) for v in last_finite.tolist()],
-        final_value=values[-1] if values else None,
-        distance_to_minimum=_finite_or_none(distance(last_finite)),
+        values=trace.values,
+        path=trace.path[: len(trace.values)].numpy() if trace.path is not None else None,
+        final_point=[float(v) for v in trace.last_finite.tolist()],
+        final_value=trace.values[-1] if trace.values else None,
+        distance_to_minimum=_finite_or_none(trace.distance(trace.last_finite)),
         iterations_run=steps,
         wall_time_s=wall,
         diverged=message is not None,
         message=message,
+    )
+
+
+class _Trace:
+    """The iterate ``x`` of one run and what is kept of its path: values, the last finite iterate, the points
+    (2-D plots), and the TensorBoard scalars."""
+
+    def __init__(self, function: TestFunction, start: Tensor, iterations: int, writer: Optional[SummaryWriter],
+                 log_every: int, record_path: bool) -> None:
+        self.function, self.iterations, self.writer, self.log_every = function, iterations, writer, log_every
+        self.x = start.detach().clone()
+        self.last_finite = self.x.clone()
+        self.minima = function.minima_tensor(self.x.dtype)
+        self.path = torch.empty(iterations + 1, self.x.numel(), dtype=self.x.dtype) if record_path else None
+        self.values: List[float] = []
+
+    def distance(self, point: Tensor) -> float:
+        return float(torch.linalg.vector_norm(point - self.minima, dim=1).min())
+
+    def record(self, t: int, value: float, log_scalars: bool) -> None:
+        """Keep the finite value ``f(x_t)`` of the current iterate (and log it to TensorBoard if asked)."""
+        self.values.append(value)
+        self.last_finite.copy_(self.x)
+        if self.path is not None:
+            self.path[t] = self.x
+        if log_scalars and self.writer is not None:
+            self.writer.add_scalar("loss", value, t)
+            self.writer.add_scalar("distance_to_minimum", self.distance(self.x), t)
+
+    def finish(self) -> Optional[Tuple[int, float]]:
+        """Evaluate and record ``f(x_T)``; ``(T, value)`` if it is not finite."""
+        with torch.no_grad():
+            value = float(self.function(self.x))
+        if not math.isfinite(value):
+            return self.iterations, value
+        self.record(self.iterations, value, log_scalars=True)
+        return None
+
+
+def _descend(trace: _Trace, estimator: GradientEstimator, optimizer: torch.optim.Optimizer, scheduler: Any,
+             steps: Iterable[int]) -> Tuple[int, Optional[Tuple[int, float]]]:
+    """The optimizer steps; returns how many were taken and ``(t, f(x_t))`` of a non-finite value, if one
+    stopped them."""
+    taken = 0
+    for t in steps:
+        loss, grad = estimator(trace.function, trace.x)
+        value = float(loss)
+        if not math.isfinite(value):
+            return taken, (t, value)
+        trace.record(t, value, log_scalars=t % trace.log_every == 0)
+        trace.x.grad = grad
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        taken = t + 1
+    return taken, None
+
+
+def _divergence_message(label: str, start: Tensor, iterations: int, optimizer: torch.optim.Optimizer, t: int,
+                        value: float) -> str:
+    if t == 0:
+        return (f"{label}: f(x) = {value} at the start point {start.tolist()}; nothing to optimise. "
+                "Choose a start where f is finite (function.start=[...]).")
+    return (
+        f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
+        f"The summary keeps the last finite iterate (iteration {t - 1}). Lower optimization.learning_rate (the "
+        f"last step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
+        "(gradient.num_tangents) also reduce the variance of its steps."
     )
 
 
