@@ -45,9 +45,10 @@ def test_a_bad_value_exits_2_with_one_error_line_and_no_traceback(script: str, t
     assert expected in log and "[ERROR]" in log
 
 
-@pytest.mark.parametrize("script", sorted(BAD_VALUE))
-def test_a_config_hydra_cannot_compose_exits_2(script: str, tmp_path: Path):
-    proc = _run(script, "no_such_key=1", cwd=tmp_path)
+def test_a_config_hydra_cannot_compose_exits_2(tmp_path: Path):
+    # Hydra reports an unknown key itself (before the task starts); run_hydra, shared by every script, gives it
+    # the status of a config error.
+    proc = _run("mnist_fwdgrad.py", "no_such_key=1", cwd=tmp_path)
     assert proc.returncode == 2
     assert "no_such_key" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
 

@@ -190,3 +190,13 @@ def test_bad_settings_fail_at_start_up(override: str, match: str, tmp_path: Path
     cfg = compose_cfg("mnist_fwdgrad", [*TINY, override])
     with pytest.raises(ConfigError, match=match):
         train(cfg, tmp_path)
+
+
+def test_a_config_error_in_a_data_parallel_worker_stays_a_config_error(tmp_path: Path):
+    # The conv net refuses tabular data inside each spawned worker; the parent re-raises it as what it was, so
+    # the entry point still exits with status 2 (not the 1 of a failure during the run).
+    cfg = compose_cfg("mnist_fwdgrad", [*TINY, "dataset=penguins", "model=conv", "distributed.world_size=2",
+                                        "distributed.timeout_s=30"])
+    with pytest.raises(ConfigError, match="model=mlp or model=logreg"):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing.spawn import ProcessException
 
 from fwdgrad import errors
 from fwdgrad.config import threads
@@ -97,7 +98,7 @@ def _train_spawned(cfg: DictConfig, output_dir: Path, world_size: int, timeout_s
     try:
         launch_workers(_worker, world_size, args=(OmegaConf.to_yaml(cfg, resolve=True), str(output_dir)),
                        timeout_s=timeout_s)
-    except torch.multiprocessing.ProcessException as err:
+    except ProcessException as err:  # a worker raised, or died
         raise _worker_error(err) from None
     metrics_file = output_dir / METRICS_FILE
     if not metrics_file.is_file():
