@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
