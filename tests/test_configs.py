@@ -135,9 +135,8 @@ def test_seed_reaches_the_tangents_and_overrides_compose():
         "dataset.batch_size=1024", "optimization.learning_rate=5e-4",
     ])
     est = instantiate(cfg.gradient)
-    assert {k: v for k, v in est.describe().items() if k != "backend"} == {
-        "estimator": "ForwardGradient", "num_tangents": 16, "aggregation": "projection",
-        "distribution": "rademacher", "seed": 7}
+    assert est.describe() == {"estimator": "ForwardGradient", "num_tangents": 16, "aggregation": "projection",
+                              "distribution": "rademacher", "seed": 7}
     assert instantiate(cfg.optimization.optimizer)([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"] == 5e-4
 
 
