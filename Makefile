@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# Re-install whenever requirements.txt changes.
-$(STAMP): requirements.txt
+# Re-install whenever the pins or the package's dependencies change. The torch pins first (requirements.txt),
+# then fwdgrad itself, editable, with its dependencies and the dev extra (pytest, ruff) from pyproject.toml.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 test: setup
@@ -25,7 +27,6 @@ bench: setup
 	$(PY) scripts/bench.py
 
 lint: setup
-	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check .
 
 clean:

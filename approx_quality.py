@@ -7,25 +7,18 @@ Writes approx_quality.csv, cosine_vs_k.png and norm_ratio_vs_k.png into the Hydr
 (outputs/approx_quality/<timestamp>/). See fwdgrad/analysis.py for the maths.
 """
 
-import logging
-
 import hydra
 from omegaconf import DictConfig
 
 from fwdgrad.analysis import run_approx_quality
-from fwdgrad.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from fwdgrad.cli import hydra_task, run_hydra
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="approx_quality")
+@hydra_task
 def main(cfg: DictConfig) -> dict:
-    try:
-        return run_approx_quality(cfg)
-    except ConfigError as e:
-        log.error("%s", e)
-        raise SystemExit(f"approx_quality: {e}") from None
+    return run_approx_quality(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -3,20 +3,22 @@
     python mnist_fwdgrad.py  [overrides]    forward gradients (configs/mnist_fwdgrad.yaml)
     python mnist_backprop.py [overrides]    backprop          (configs/mnist_backprop.yaml)
 
-e.g. model=conv dataset=fashion_mnist optimization=adam gradient.num_tangents=16. All the work is in
-fwdgrad.train; the two scripts differ only in config_name.
+e.g. model=conv dataset=fashion_mnist optimization=adam gradient.num_tangents=16, or +experiment=reference_mnist.
+All the work is in fwdgrad.training; the two scripts differ only in config_name.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.train import main as run
+from fwdgrad.cli import hydra_task, run_hydra
+from fwdgrad.training import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="mnist_fwdgrad")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+@hydra_task
+def main(cfg: DictConfig) -> dict:
+    return run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -43,11 +43,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
+from fwdgrad.config import build
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import AGGREGATIONS, ForwardGradient, LossFn, Params, aggregate
 
@@ -65,8 +64,6 @@ __all__ = [
     "expected_norm_ratio_sq",
     "sample_quality",
     "approx_quality_table",
-    "plot_cosine_vs_k",
-    "plot_norm_ratio_vs_k",
     "run_approx_quality",
 ]
 
@@ -339,101 +336,18 @@ def approx_quality_table(
     return pd.DataFrame(rows)
 
 
-# -- figures --------------------------------------------------------------------------------------------------
-_AGG_COLORS = {"mean": "tab:blue", "sum": "tab:orange", "projection": "tab:green"}
-_DIST_STYLES = ["-", "--", ":", "-."]
-
-
-def _panels(df: pd.DataFrame):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sources = list(dict.fromkeys(df["source"]))
-    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources), 4.0), squeeze=False)
-    return plt, fig, sources, axes[0]
-
-
-def _finish(plt, fig, axes, path: Path) -> None:
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.tight_layout()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _style(df: pd.DataFrame):
-    dists = list(dict.fromkeys(df["distribution"]))
-    colors = {a: _AGG_COLORS.get(a, f"C{i + 3}") for i, a in enumerate(dict.fromkeys(df["aggregation"]))}
-    return colors, {d: _DIST_STYLES[i % len(_DIST_STYLES)] for i, d in enumerate(dists)}
-
-
-def plot_cosine_vs_k(df: pd.DataFrame, path: Path) -> None:
-    """Mean cosine similarity against k (log-log), a line per aggregation and distribution, a panel per source.
-
-    The spread of the draws (std, 5/50/95 % quantiles) is in the CSV. Black lines: the exact ``E[cos]`` for Gaussian tangents
-    (projection dotted, mean/sum dash-dotted); grey: ``sqrt(k/n)``. Mean and sum coincide (same direction).
-    """
-    plt, fig, sources, axes = _panels(df)
-    colors, styles = _style(df)
-    for ax, src in zip(axes, sources):
-        sub = df[df["source"] == src]
-        n = int(sub["n"].iloc[0])
-        for (agg, dist), line in sub.groupby(["aggregation", "distribution"], sort=False):
-            line = line.sort_values("k")
-            width = 2.6 if agg == "sum" else 1.6  # sum lies under mean: draw it wider so both show
-            ax.plot(line["k"], line["cos_mean"], styles[dist], color=colors[agg], lw=width, marker="o", ms=3,
-                    alpha=0.85, label=f"{agg}, {dist}", zorder=2 if agg == "sum" else 3)
-        ks = np.unique(np.geomspace(1, max(int(sub["k"].max()), 1), 200).round().astype(int))
-        kp = ks[ks <= n]
-        ax.plot(kp, np.sqrt(kp / n), color="0.5", lw=1.0, label="√(k/n)", zorder=1)
-        if "projection" in set(sub["aggregation"]):
-            ax.plot(kp, [expected_cosine("projection", n, int(k)) for k in kp], ":", color="k", lw=1.2,
-                    label="E[cos] projection, Gaussian")
-        if set(sub["aggregation"]) & set(_SPLITTING_AGGREGATIONS):
-            ax.plot(ks, [expected_cosine("mean", n, int(k)) for k in ks], "-.", color="k", lw=1.0,
-                    label="E[cos] mean/sum, Gaussian")
-        ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="cosine similarity to true gradient",
-               title=f"{src} (n={n})" if f"n={n}" not in src else src)
-        ax.set_ylim(top=1.15)
-        ax.grid(True, which="both", alpha=0.25)
-    _finish(plt, fig, axes, path)
-
-
-def plot_norm_ratio_vs_k(df: pd.DataFrame, path: Path) -> None:
-    """Mean norm ratio ``|g|/|a|`` against k (log-log), with the Gaussian-tangent RMS ratio in black."""
-    plt, fig, sources, axes = _panels(df)
-    colors, styles = _style(df)
-    for ax, src in zip(axes, sources):
-        sub = df[df["source"] == src]
-        for (agg, dist), line in sub.groupby(["aggregation", "distribution"], sort=False):
-            line = line.sort_values("k")
-            ax.plot(line["k"], line["ratio_mean"], styles[dist], color=colors[agg], marker="o", ms=3,
-                    label=f"{agg}, {dist}")
-        theory = sub.drop_duplicates(["aggregation", "k"]).sort_values("k")
-        for i, (agg, t) in enumerate(theory.groupby("aggregation", sort=False)):
-            ax.plot(t["k"], t["ratio_rms_expected_gaussian"], ":", color="k", lw=1.0,
-                    label="√E[|g|²]/|a|, Gaussian" if i == 0 else None)
-        ax.axhline(1.0, color="0.6", lw=0.8)
-        ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="|g| / |true gradient|", title=src)
-        ax.grid(True, which="both", alpha=0.25)
-    _finish(plt, fig, axes, path)
-
-
 # -- the experiment -----------------------------------------------------------------------------------------
 def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
     """Build estimators from the ``gradient`` config group, overriding k, aggregation and distribution."""
 
     def make(num_tangents: int, aggregation: str, distribution: str) -> ForwardGradient:
         try:
-            est = instantiate(gradient_cfg, num_tangents=int(num_tangents), aggregation=aggregation,
-                              distribution=distribution)
-        except InstantiationException as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
+            est = build(gradient_cfg, "gradient", num_tangents=int(num_tangents), aggregation=aggregation,
+                        distribution=distribution)
+        except ConfigError as e:
             raise ConfigError(
                 f"could not build the estimator from the `gradient` config with num_tangents={num_tangents}, "
-                f"aggregation={aggregation!r}, distribution={distribution!r}: {cause}. The analysis needs a "
+                f"aggregation={aggregation!r}, distribution={distribution!r}: {e}. The analysis needs a "
                 "forward-gradient estimator (gradient=forward) and aggregations/distributions it accepts."
             ) from None
         if not isinstance(est, ForwardGradient):
@@ -484,14 +398,7 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     for agg in aggregations:  # fail fast on a typo, before any work
         for dist in distributions:
             make(1, agg, dist)
-    try:
-        source = _normalise_source(instantiate(cfg.source))
-    except InstantiationException as e:
-        cause = e.__cause__ if e.__cause__ is not None else e
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(f"could not build the gradient source ({cfg.source.get('_target_')}): {cause}") \
-            from None
+    source = _normalise_source(build(cfg.source, "source"))
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
     threads_before = torch.get_num_threads()
@@ -504,6 +411,8 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
         torch.set_num_threads(threads_before)
     if df.empty:
         raise ConfigError("no combination of source, distribution and aggregation could be measured.")
+    from fwdgrad.plots import plot_cosine_vs_k, plot_norm_ratio_vs_k  # plots imports this module
+
     output_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(output_dir / "approx_quality.csv", index=False)
     plot_cosine_vs_k(df, output_dir / "cosine_vs_k.png")

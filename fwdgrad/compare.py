@@ -1,16 +1,10 @@
 """Side-by-side comparison of training runs: one figure, one markdown table, runs labelled by their configs.
 
-A run directory is what the MNIST training scripts write (the contract this module reads)::
-
-    <run>/.hydra/config.yaml   the composed config (gradient, optimization, dataset, model, seed, ...)
-    <run>/metrics.json         final_test_accuracy, best_test_accuracy, final_test_loss, final_train_loss, steps,
-                               epochs_completed, wall_time_s, step_time_ms, peak_memory_mb (may be null),
-                               stopped, estimator ({"estimator": ..., settings}), dataset, model, device
-    <run>/history.csv          step, epoch, wall_time_s, train/loss, train/accuracy, test/loss, test/accuracy,
-                               lr, time/step_ms (empty cells where a value was not logged at that step)
-
-``metrics.json`` is written when training ends, so a directory holds a finished run exactly when it holds
-that file; sweeps (``-m``) hold one run per numbered sub-directory and are found by searching recursively.
+A run directory is what the MNIST training scripts write; its files and columns are defined once, in
+:mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json`` and
+``history.csv``). ``metrics.json`` is written when training ends, so a directory holds a finished run exactly
+when it holds that file; sweeps (``-m``) hold one run per numbered sub-directory and are found by searching
+recursively.
 
 Runs are labelled by what differs among the compared configs: the configs are flattened to dotted keys and
 the keys whose values are not all equal make up the labels (``gradient=ForwardGradient k=4 lr=0.001``).
@@ -32,7 +26,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fwdgrad.cli import run_cli
 from fwdgrad.errors import RunDirError
+from fwdgrad.training.run_files import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
 
 __all__ = [
     "RunDirError",
@@ -52,9 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = Path(".hydra") / "config.yaml"
-HISTORY_FILE = "history.csv"
 #: Short names for the keys researchers vary most; other keys are named by their shortest unique suffix.
 KEY_ALIASES = {
     "gradient": "gradient",
@@ -65,7 +58,7 @@ KEY_ALIASES = {
 }
 _RUN_HELP = (
     "A run directory is what mnist_fwdgrad.py / mnist_backprop.py write when training ends "
-    "(outputs/mnist/<timestamp>_<name>/, or one numbered sub-directory per job of a -m sweep) and holds "
+    "(outputs/mnist_fwdgrad/<timestamp>/, or one numbered sub-directory per job of a -m sweep) and holds "
     f"{METRICS_FILE}, {HISTORY_FILE} and {CONFIG_FILE}. Pass such a directory or any parent of several; a run "
     f"that was interrupted has no {METRICS_FILE} yet."
 )
@@ -193,7 +186,7 @@ def load_run(path: str | Path) -> Run:
     return Run(path=path, config=config, metrics=metrics, history=history)
 
 
-def default_run_dirs(roots: Sequence[str | Path] = ("outputs", "multirun")) -> list[Path]:
+def default_run_dirs(roots: Sequence[str | Path] = ("outputs",)) -> list[Path]:
     """The newest run of each estimator (``gradient._target_``) under ``roots``: by default the newest
     forward-gradient run and the newest backprop run. Newest means the latest ``metrics.json``."""
     existing = [Path(r) for r in roots if Path(r).is_dir()]
@@ -203,7 +196,7 @@ def default_run_dirs(roots: Sequence[str | Path] = ("outputs", "multirun")) -> l
         raise RunDirError(
             f"no finished run found under {where} (no {METRICS_FILE}). Train one forward-gradient and one "
             "backprop run first (python mnist_fwdgrad.py; python mnist_backprop.py), or pass run directories: "
-            "python compare.py outputs/mnist/<run> multirun/<sweep>/. " + _RUN_HELP
+            "python compare.py outputs/mnist_fwdgrad/<run> outputs/mnist_fwdgrad/<sweep>_multirun/. " + _RUN_HELP
         )
     newest: dict[str, tuple[float, Path]] = {}
     for m in metrics_files:
@@ -344,51 +337,18 @@ def markdown_table(runs: Sequence[Run], relative_to: Path | None = None) -> str:
 
 
 # -- the figure ------------------------------------------------------------------------------------------------
-PANELS = (("step", "train/loss", "train loss", "step"),
-          ("wall_time_s", "train/loss", "train loss", "wall-clock time (s)"),
-          ("step", "test/accuracy", "test accuracy", "step"))
-
-
 def curve(run: Run, x: str, y: str) -> pd.DataFrame:
     """Columns ``x`` and ``y`` of the run's history where both are logged (empty cells dropped)."""
-    if x not in run.history or y not in run.history:
-        return pd.DataFrame(columns=[x, y])
-    return run.history[[x, y]].apply(pd.to_numeric, errors="coerce").dropna()
+    from fwdgrad.plots import history_curve
+
+    return history_curve(run.history, x, y)
 
 
 def plot_comparison(runs: Sequence[Run], path: Path) -> None:
     """Train loss vs step, train loss vs wall-clock time, test accuracy vs step; one line per run."""
-    import matplotlib
+    from fwdgrad.plots import plot_comparison as plot  # matplotlib only when a figure is drawn
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 4.0))
-    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-    for i, r in enumerate(runs):
-        color = cmap(i % cmap.N)
-        for ax, (x, y, _, _) in zip(axes, PANELS):
-            data = curve(r, x, y)
-            if data.empty:
-                continue
-            sparse = len(data) <= 30  # evaluations: show the points
-            ax.plot(data[x], data[y], color=color, lw=1.3, marker="o" if sparse else None, ms=3,
-                    label=r.label if ax is axes[0] else None)
-    for ax, (_, _, ylabel, xlabel) in zip(axes, PANELS):
-        ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_title("train loss vs step")
-    axes[1].set_title("train loss vs wall-clock time")
-    axes[2].set_title("test accuracy vs step")
-    fig.tight_layout()
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:  # no curves in the first panel: take labels from the runs anyway
-        handles = [plt.Line2D([], [], color=cmap(i % cmap.N)) for i in range(len(runs))]
-        labels = [r.label for r in runs]
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=max(1, min(3, len(runs))), fontsize=8, frameon=False)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    plot([(r.label, r.history) for r in runs], path)
 
 
 # -- the whole job -----------------------------------------------------------------------------------------------
@@ -435,15 +395,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "peak memory, estimator). Runs are labelled by what differs in their configs.",
     )
     parser.add_argument("runs", nargs="*", help="run directories or parents of runs (searched recursively); "
-                        "default: the newest forward-gradient and backprop runs under outputs/ and multirun/")
+                        "default: the newest forward-gradient and backprop runs under outputs/")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: a new outputs/compare/<timestamp>/)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
-    try:
+
+    def compare() -> int:
         result = compare_runs(args.runs, args.out if args.out is not None else _default_out_dir())
-    except RunDirError as e:
-        print(f"compare.py: error: {e}", file=sys.stderr)
-        return 2
-    print(result["table"])
-    return 0
+        sys.stdout.write(result["table"] + "\n")
+        return 0
+
+    return run_cli(parser.prog, compare)

@@ -26,22 +26,21 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fwdgrad.errors import ConfigError
+from fwdgrad.config import build, build_optimizer, build_scheduler, threads
+from fwdgrad.errors import ConfigError, RunError
 from fwdgrad.estimators import GradientEstimator
 from fwdgrad.functions import TestFunction
 
-__all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run_global_optim"]
+__all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run", "run_global_optim"]
 
 log = logging.getLogger(__name__)
 
@@ -133,81 +132,28 @@ def optimise(
         label, role: names carried into the result and the progress bar.
         progress: show a tqdm bar (only when stderr is a terminal).
     """
-    x = start.detach().clone()
-    last_finite = x.clone()
-    minima = function.minima_tensor(x.dtype)
-    optimizer = make_optimizer([x])
+    trace = _Trace(function, start, iterations, writer, log_every, record_path)
+    optimizer = make_optimizer([trace.x])
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
-    path = torch.empty(iterations + 1, x.numel(), dtype=x.dtype) if record_path else None
-    values: List[float] = []
-    message: Optional[str] = None
-    steps = 0
-
-    def distance(point: Tensor) -> float:
-        return float(torch.linalg.vector_norm(point - minima, dim=1).min())
-
-    def log_scalars(t: int, value: float, point: Tensor) -> None:
-        if writer is not None:
-            writer.add_scalar("loss", value, t)
-            writer.add_scalar("distance_to_minimum", distance(point), t)
-
-    def non_finite(t: int, value: float) -> str:
-        if t == 0:
-            return (f"{label}: f(x) = {value} at the start point {start.tolist()}; nothing to optimise. "
-                    "Choose a start where f is finite (function.start=[...]).")
-        return (
-            f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
-            f"The summary keeps the last finite iterate (iteration {t - 1}). Lower learning_rate (the last "
-            f"step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
-            "(gradient.num_tangents) also reduce the variance of its steps."
-        )
-
-    steps_iter = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False,
-                      mininterval=0.5)
+    bar = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False, mininterval=0.5)
     t0 = time.perf_counter()
-    for t in steps_iter:
-        loss, grad = estimator(function, x)
-        value = float(loss)
-        if not math.isfinite(value):
-            message = non_finite(t, value)
-            break
-        values.append(value)
-        last_finite.copy_(x)
-        if path is not None:
-            path[t] = x
-        if t % log_every == 0:
-            log_scalars(t, value, x)
-        x.grad = grad
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        steps = t + 1
-    else:
-        # All T steps taken: evaluate f(x_T), the point the summary reports.
-        with torch.no_grad():
-            value = float(function(x))
-        if math.isfinite(value):
-            values.append(value)
-            last_finite.copy_(x)
-            if path is not None:
-                path[iterations] = x
-            log_scalars(iterations, value, x)
-        else:
-            message = non_finite(iterations, value)
+    steps, bad = _descend(trace, estimator, optimizer, scheduler, bar)
+    if bad is None:  # all T steps taken: f(x_T) is the value the summary reports
+        bad = trace.finish()
     wall = time.perf_counter() - t0
-    steps_iter.close()
-
+    bar.close()
+    message = None if bad is None else _divergence_message(label, start, iterations, optimizer, *bad)
     if message is not None:
         log.warning("%s", message)
     return OptimResult(
         label=label,
         role=role,
         settings=dict(estimator.describe()),
-        values=values,
-        path=path[: len(values)].numpy() if path is not None else None,
-        final_point=[float(v) for v in last_finite.tolist()],
-        final_value=values[-1] if values else None,
-        distance_to_minimum=_finite_or_none(distance(last_finite)),
+        values=trace.values,
+        path=trace.path[: len(trace.values)].numpy() if trace.path is not None else None,
+        final_point=[float(v) for v in trace.last_finite.tolist()],
+        final_value=trace.values[-1] if trace.values else None,
+        distance_to_minimum=_finite_or_none(trace.distance(trace.last_finite)),
         iterations_run=steps,
         wall_time_s=wall,
         diverged=message is not None,
@@ -215,23 +161,75 @@ def optimise(
     )
 
 
+class _Trace:
+    """The iterate ``x`` of one run and what is kept of its path: values, the last finite iterate, the points
+    (2-D plots), and the TensorBoard scalars."""
+
+    def __init__(self, function: TestFunction, start: Tensor, iterations: int, writer: Optional[SummaryWriter],
+                 log_every: int, record_path: bool) -> None:
+        self.function, self.iterations, self.writer, self.log_every = function, iterations, writer, log_every
+        self.x = start.detach().clone()
+        self.last_finite = self.x.clone()
+        self.minima = function.minima_tensor(self.x.dtype)
+        self.path = torch.empty(iterations + 1, self.x.numel(), dtype=self.x.dtype) if record_path else None
+        self.values: List[float] = []
+
+    def distance(self, point: Tensor) -> float:
+        return float(torch.linalg.vector_norm(point - self.minima, dim=1).min())
+
+    def record(self, t: int, value: float, log_scalars: bool) -> None:
+        """Keep the finite value ``f(x_t)`` of the current iterate (and log it to TensorBoard if asked)."""
+        self.values.append(value)
+        self.last_finite.copy_(self.x)
+        if self.path is not None:
+            self.path[t] = self.x
+        if log_scalars and self.writer is not None:
+            self.writer.add_scalar("loss", value, t)
+            self.writer.add_scalar("distance_to_minimum", self.distance(self.x), t)
+
+    def finish(self) -> Optional[Tuple[int, float]]:
+        """Evaluate and record ``f(x_T)``; ``(T, value)`` if it is not finite."""
+        with torch.no_grad():
+            value = float(self.function(self.x))
+        if not math.isfinite(value):
+            return self.iterations, value
+        self.record(self.iterations, value, log_scalars=True)
+        return None
+
+
+def _descend(trace: _Trace, estimator: GradientEstimator, optimizer: torch.optim.Optimizer, scheduler: Any,
+             steps: Iterable[int]) -> Tuple[int, Optional[Tuple[int, float]]]:
+    """The optimizer steps; returns how many were taken and ``(t, f(x_t))`` of a non-finite value, if one
+    stopped them."""
+    taken = 0
+    for t in steps:
+        loss, grad = estimator(trace.function, trace.x)
+        value = float(loss)
+        if not math.isfinite(value):
+            return taken, (t, value)
+        trace.record(t, value, log_scalars=t % trace.log_every == 0)
+        trace.x.grad = grad
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        taken = t + 1
+    return taken, None
+
+
+def _divergence_message(label: str, start: Tensor, iterations: int, optimizer: torch.optim.Optimizer, t: int,
+                        value: float) -> str:
+    if t == 0:
+        return (f"{label}: f(x) = {value} at the start point {start.tolist()}; nothing to optimise. "
+                "Choose a start where f is finite (function.start=[...]).")
+    return (
+        f"{label} diverged: f(x) = {value} at iteration {t}; stopped after {t} of {iterations} steps. "
+        f"The summary keeps the last finite iterate (iteration {t - 1}). Lower optimization.learning_rate (the "
+        f"last step used lr {optimizer.param_groups[0]['lr']:.3g}); for a forward gradient, more tangents "
+        "(gradient.num_tangents) also reduce the variance of its steps."
+    )
+
+
 # -- config handling ---------------------------------------------------------------------------------------
-def _instantiate(node: Any, key: str, expected: Optional[type] = None) -> Any:
-    """``hydra.utils.instantiate`` with a one-paragraph :class:`ConfigError` instead of a traceback."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"`{key}` must be a config node with a `_target_` (see configs/global_optim.yaml), "
-                          f"got {node!r}.")
-    try:
-        obj = instantiate(node)
-    except InstantiationException as err:
-        cause = err.__cause__ if err.__cause__ is not None else err
-        raise ConfigError(f"invalid `{key}` config ({OmegaConf.to_container(node)}): {cause}") from None
-    if expected is not None and not isinstance(obj, expected):
-        raise ConfigError(f"`{key}._target_` must build a {expected.__name__}, got {type(obj).__name__} "
-                          f"from {node._target_!r}.")
-    return obj
-
-
 def _positive_int(cfg: DictConfig, key: str) -> int:
     value = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -240,35 +238,31 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
 
 
 def _check_config(cfg: DictConfig) -> Tuple[int, int]:
-    missing = [k for k in ("function", "gradient", "optimizer", "iterations") if k not in cfg]
+    missing = [k for k in ("function", "gradient", "optimization", "iterations") if k not in cfg]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}; compose configs/global_optim.yaml.")
     iterations = _positive_int(cfg, "iterations")
     log_every = _positive_int(cfg, "log_every") if "log_every" in cfg else 10
-    lr = cfg.get("learning_rate")
+    lr = cfg.optimization.get("learning_rate")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0
                            or not math.isfinite(lr)):
-        raise ConfigError(f"`learning_rate` must be a finite number > 0, got {lr!r}; e.g. learning_rate=0.01.")
+        raise ConfigError(f"`optimization.learning_rate` must be a finite number > 0, got {lr!r}; e.g. "
+                          "optimization.learning_rate=0.01.")
     return iterations, log_every
 
 
-def _factories(cfg: DictConfig, start: Tensor) -> Tuple[OptimizerFactory, Optional[SchedulerFactory]]:
-    """Instantiate the optimizer/scheduler partials and try them once on a scratch copy of the start."""
-    make_optimizer = _instantiate(cfg.optimizer, "optimizer")
-    make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") is not None else None
-    try:
-        trial = make_optimizer([start.clone()])
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"`optimizer` cannot be built ({OmegaConf.to_container(cfg.optimizer)}): {err}. "
-                          "Check the keys under `optimizer` against its arguments (from Adam to SGD: "
-                          "optimizer._target_=torch.optim.SGD ~optimizer.betas) and keep `_partial_: true`.") from None
-    if make_scheduler is not None:
-        try:
-            make_scheduler(trial)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"`scheduler` cannot be built ({OmegaConf.to_container(cfg.scheduler)}): {err}. "
-                              "It must be a partial torch.optim.lr_scheduler (`_partial_: true`), or "
-                              "scheduler=null.") from None
+def _factories(cfg: DictConfig, start: Tensor, iterations: int) -> Tuple[OptimizerFactory, SchedulerFactory]:
+    """The optimizer and scheduler of ``cfg.optimization`` as factories, tried once on a scratch copy of the
+    start so that a bad value fails before any work."""
+    optimizer_node, scheduler_node = cfg.optimization.optimizer, cfg.optimization.get("scheduler")
+
+    def make_optimizer(params: List[Tensor]) -> torch.optim.Optimizer:
+        return build_optimizer(optimizer_node, params)
+
+    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
+        return build_scheduler(scheduler_node, optimizer, iterations)
+
+    make_scheduler(make_optimizer([start.clone()]))
     return make_optimizer, make_scheduler
 
 
@@ -303,6 +297,21 @@ def _table(function: TestFunction, results: Sequence[OptimResult]) -> str:
     return "\n".join(lines)
 
 
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    """``global_optim.py``'s task: :func:`run_global_optim` into Hydra's run directory; an estimator that
+    diverged (a non-finite f) makes it a :class:`~fwdgrad.errors.RunError` (exit status 1), after every file is
+    written, as a non-finite training loss does in the MNIST scripts."""
+    summary = run_global_optim(cfg)
+    diverged = [label for label, r in summary["estimators"].items() if r["diverged"]]
+    if diverged:
+        raise RunError(
+            f"{', '.join(diverged)} diverged (f(x) became non-finite; see the warnings above). summary.json and "
+            "the figures keep every estimator's run up to its last finite iterate. Lower "
+            "optimization.learning_rate, or use more tangents (gradient.num_tangents) or optimization=adam_beta95."
+        )
+    return summary
+
+
 def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None) -> Dict[str, Any]:
     """Run the estimator (``cfg.gradient``) and the baseline (``cfg.baseline``) on ``cfg.function``.
 
@@ -318,11 +327,16 @@ def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None)
     Raises :class:`ConfigError` (before anything is written) for a config that cannot run.
     """
     iterations, log_every = _check_config(cfg)
-    function = _instantiate(cfg.function, "function", TestFunction)
+    with threads(cfg.get("threads")):
+        return _run(cfg, iterations, log_every, output_dir)
+
+
+def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str, Path, None]) -> Dict[str, Any]:
+    function = build(cfg.function, "function", expected=TestFunction)
     roles = ["gradient"] + (["baseline"] if cfg.get("baseline") is not None else [])
-    estimators = [_instantiate(cfg[role], role, GradientEstimator) for role in roles]
+    estimators = [build(cfg[role], role, expected=GradientEstimator) for role in roles]
     start = function.start_point(torch.float64)
-    make_optimizer, make_scheduler = _factories(cfg, start)
+    make_optimizer, make_scheduler = _factories(cfg, start, iterations)
     labels = _unique([estimator_label(e) for e in estimators], roles)
     out = _output_dir(output_dir)
     record_path = function.dim == 2
@@ -355,8 +369,9 @@ def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None)
     }
     # The summary goes first: a figure that fails to draw must not cost the numbers.
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    title = f"{type(function).__name__}, {iterations} steps, lr {cfg.get('learning_rate')}, seed {cfg.get('seed')}"
-    from fwdgrad.plotting import plot_loss_curves, plot_trajectories  # matplotlib only when needed
+    title = (f"{type(function).__name__}, {iterations} steps, lr {cfg.optimization.get('learning_rate')}, "
+             f"seed {cfg.get('seed')}")
+    from fwdgrad.plots import plot_loss_curves, plot_trajectories  # matplotlib only when needed
 
     plot_loss_curves({r.label: r.values for r in results}, function.min_value, out / "loss.png", title=title)
     if record_path:

@@ -54,6 +54,8 @@ from torch import nn  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
+from fwdgrad.cli import run_cli  # noqa: E402
+from fwdgrad.errors import ConfigError  # noqa: E402
 from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
 from fwdgrad.functional import cross_entropy  # noqa: E402
 from fwdgrad.models import MLP, ConvNet  # noqa: E402
@@ -62,8 +64,8 @@ log = logging.getLogger("bench")
 MIB = 2**20
 
 
-class BenchError(ValueError):
-    """Bad command-line input."""
+class BenchError(ConfigError):
+    """Bad command-line input (exit status 2, like argparse's own errors)."""
 
 
 # -- configurations ------------------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ def estimator_quality(args: argparse.Namespace, ks: Sequence[int], dists: Sequen
 def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int = 60) -> Dict[str, object]:
     """The MNIST training loop's own cost on top of the estimator step (target: at most +10%).
 
-    Alternates ``rounds`` times between (a) ``fwdgrad.train.train`` for ``steps`` steps of the default MLP with
+    Alternates ``rounds`` times between (a) ``fwdgrad.training.train`` for ``steps`` steps of the default MLP with
     forward gradients (k=1), batch 256, reading its median ``time/step_ms`` (batching, the optimizer and lr
     scheduler, logging and the train-accuracy pass included), and (b) a bare loop of the same estimator call
     alone, and of estimator + optimizer step, on the same data. Uses the real MNIST test set from
@@ -354,7 +356,7 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
     from hydra import compose, initialize_config_dir
 
     from fwdgrad.data import iterate_batches
-    from fwdgrad.train import train
+    from fwdgrad.training import train
 
     shared = ROOT.parent / "shared" / "data" / "mnist"
     batch = 32 if args.quick else 256
@@ -385,7 +387,7 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
         return (time.perf_counter() - t) * 1000 / len(batches)
 
     loop_ms, est_ms, est_opt_ms = [], [], []
-    logging.getLogger("fwdgrad.train").setLevel(logging.WARNING)
+    logging.getLogger("fwdgrad.training").setLevel(logging.WARNING)
     bare(True)  # warm-up
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -643,14 +645,13 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        args = parse_args(argv)
-        out = run(args)
-    except BenchError as e:
-        log.error("bench: %s", e)
-        return 2
-    log.info("\n%s", (out / "bench.md").read_text())
-    return 0
+
+    def bench() -> int:
+        out = run(parse_args(argv))
+        log.info("\n%s", (out / "bench.md").read_text())
+        return 0
+
+    return run_cli("bench.py", bench)
 
 
 if __name__ == "__main__":

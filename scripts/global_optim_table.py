@@ -1,7 +1,7 @@
 """Tabulate the summary.json files of global_optim.py runs: final distance to the minimum per estimator.
 
     python global_optim.py -m function=beale,rosenbrock seed=0,1,2,3,4
-    python scripts/global_optim_table.py outputs/global_optim/multirun/<date>/<time>
+    python scripts/global_optim_table.py outputs/global_optim/<timestamp>_multirun
 
 Prints a Markdown table with one row per (function, estimator): the final distance for every seed, their mean
 and worst, and how many runs diverged.
@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
+    sys.path.insert(0, str(ROOT))
+
+from fwdgrad.cli import run_cli  # noqa: E402
+from fwdgrad.errors import RunDirError  # noqa: E402
 
 
 def collect(root: Path) -> Dict[Tuple[str, int, str], Dict[int, dict]]:
@@ -43,15 +51,21 @@ def markdown(rows: Dict[Tuple[str, int, str], Dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="global_optim_table.py", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a run or multirun directory holding summary.json files")
     args = parser.parse_args()
-    rows = collect(args.root)
-    if not rows:
-        raise SystemExit(f"no summary.json under {args.root}; run global_optim.py first.")
-    print(markdown(rows))
+
+    def table() -> int:
+        rows = collect(args.root)
+        if not rows:
+            raise RunDirError(f"no summary.json under {args.root}; run global_optim.py first, or pass the "
+                              "directory of a global_optim.py run or sweep (outputs/global_optim/...).")
+        sys.stdout.write(markdown(rows) + "\n")
+        return 0
+
+    return run_cli(parser.prog, table)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

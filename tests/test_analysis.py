@@ -232,5 +232,6 @@ def test_entry_point_writes_outputs_and_reports_bad_config_without_traceback(tmp
     assert {"approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png"} <= {
         p.name for p in (tmp_path / "ok").iterdir()}
     bad = _script(tmp_path / "bad", "num_samples=3", "source.dims=[12]", "distributions=[normall]")
-    assert bad.returncode != 0
-    assert "unknown tangent distribution 'normall'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2  # a config error
+    output = bad.stdout + bad.stderr  # the [ERROR] line goes to the console log (stdout) and the job's log
+    assert "unknown tangent distribution 'normall'" in output and "Traceback" not in output

@@ -146,7 +146,7 @@ def _compose(name: str, *overrides: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra,k", [("mnist_fwdgrad", ["gradient.num_tangents=4"], 4), ("mnist_backprop", [], None)])
 def test_training_loop_two_workers_equal_one(name, extra, k, tmp_path):
-    from fwdgrad.train import train
+    from fwdgrad.training import train
 
     m1 = train(_compose(name, "distributed.world_size=1", *extra), tmp_path / "one")
     m2 = train(_compose(name, "distributed.world_size=2", *extra), tmp_path / "two")

@@ -226,14 +226,14 @@ def test_n_dimensional_functions_run_without_trajectory_plot(name, tmp_path):
 # -- divergence ----------------------------------------------------------------------------------------------
 def test_divergence_of_both_is_recorded_and_files_stay_valid(tmp_path):
     # Plain SGD with lr = 1 on Rosenbrock: |x| grows like x <- 400 x^3 per step, f overflows within a few steps.
-    cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "~optimizer.betas",
-                      "scheduler=null", "learning_rate=1.0", "iterations=100")
+    cfg = compose_cfg("function=rosenbrock", "optimization=sgd", "optimization.scheduler=null",
+                      "optimization.learning_rate=1.0", "iterations=100")
     summary = run_global_optim(cfg, output_dir=tmp_path)
     assert summary["all_diverged"]
     on_disk = strict_json(tmp_path / "summary.json")
     for label, run in on_disk["estimators"].items():
         assert run["diverged"] and 0 < run["iterations_run"] < 100
-        assert "diverged" in run["message"] and "learning_rate" in run["message"]
+        assert "diverged" in run["message"] and "optimization.learning_rate" in run["message"]
         assert math.isfinite(run["final_value"]) and all(math.isfinite(v) for v in run["final_point"])
         loss = scalars(tmp_path, label)["loss"]
         assert loss[0][0] == 0 and loss[0][1] == pytest.approx(12.5)  # f(-1.5, 2): logged before it blew up
@@ -247,9 +247,9 @@ def test_one_estimator_diverging_leaves_the_other_running(tmp_path):
     # With these seeds (fixed tangents) some forward-gradient runs do, within ~60 steps.
     diverged = 0
     for seed in range(5):
-        cfg = compose_cfg("function=rosenbrock", "optimizer._target_=torch.optim.SGD", "~optimizer.betas",
-                          "+optimizer.momentum=0.9",
-                          "scheduler=null", "learning_rate=3e-4", "iterations=100", f"seed={seed}")
+        cfg = compose_cfg("function=rosenbrock", "optimization=sgd", "optimization.optimizer.momentum=0.9",
+                          "optimization.scheduler=null", "optimization.learning_rate=3e-4", "iterations=100",
+                          f"seed={seed}")
         runs = run_global_optim(cfg, output_dir=tmp_path / str(seed))["estimators"]
         assert not runs["backprop"]["diverged"] and runs["backprop"]["iterations_run"] == 100
         fwd = runs["forward_gradient_k1_mean_normal"]
@@ -285,12 +285,13 @@ def test_baseline_can_be_dropped_or_replaced(tmp_path):
         (["function._target_=builtins.dict"], "must build a TestFunction, got dict"),
         (["iterations=0"], "`iterations` must be an integer >= 1"),
         (["log_every=0"], "`log_every` must be an integer >= 1"),
-        (["learning_rate=-0.1"], "`learning_rate` must be a finite number > 0"),
+        (["optimization.learning_rate=-0.1"], "`optimization.learning_rate` must be a finite number > 0"),
         (["gradient.num_tangents=0"], "num_tangents must be an integer >= 1"),
         (["gradient.aggregation=median"], "unknown aggregation 'median'"),
-        (["optimizer._partial_=false"], "invalid `optimizer` config"),
-        (["optimizer._target_=torch.optim.SGD"], "~optimizer.betas"),
-        (["scheduler._target_=torch.optim.lr_scheduler.StepLR"], "`scheduler` cannot be built"),
+        (["optimization.optimizer._partial_=false"], "cannot build `optimization.optimizer`"),
+        (["optimization.optimizer._target_=torch.optim.SGD"], "optimization=sgd"),
+        (["optimization.scheduler._target_=torch.optim.lr_scheduler.StepLR"], "cannot build `optimization.scheduler`"),
+        (["threads=0"], "threads must be a positive integer"),
     ],
 )
 def test_bad_config_gives_a_clear_error_before_writing_anything(overrides, message, tmp_path):
@@ -321,3 +322,23 @@ def test_entry_point_reports_a_bad_config_without_a_traceback(tmp_path):
     output = proc.stdout + proc.stderr
     assert "Beale is 2-dimensional" in output and "Traceback" not in output
     assert not (tmp_path / "summary.json").exists()
+
+
+# -- the reference implementation's recipes (configs/experiment/) -------------------------------------------------
+def test_reference_beale_recipe_converges(tmp_path):
+    cfg = compose_cfg("+experiment=reference_beale")
+    runs = run_global_optim(cfg, output_dir=tmp_path)["estimators"]
+    for label, run in runs.items():
+        assert not run["diverged"] and run["iterations_run"] == 1000, label
+        assert run["distance_to_minimum"] < 0.05, label
+
+
+def test_a_diverged_estimator_makes_the_script_exit_1_after_writing(tmp_path):
+    # The reference's Rosenbrock recipe: plain SGD at lr 1e-2 is beyond its stability limit (~2e-3).
+    proc = _run_script(tmp_path, "+experiment=reference_rosenbrock", "progress=false")
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "[ERROR]" in line]
+    assert "forward_gradient_k1_mean_normal, backprop diverged" in line
+    assert strict_json(tmp_path / "summary.json")["all_diverged"] and (tmp_path / "loss.png").is_file()

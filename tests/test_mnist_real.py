@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fwdgrad.train import train
+from fwdgrad.training import train
 from mnist_helpers import compose_cfg
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
@@ -23,7 +23,7 @@ def test_backprop_default_mlp_reaches_96_percent_in_10_epochs(mnist_root: Path, 
     # step, about 4% of the initial lr after the 630 steps) damps the end-of-run oscillation, so the *final*
     # accuracy, not only the best one, is high (96.7% final; without decay 95.4% final, 96.65% best).
     cfg = compose_cfg("mnist_backprop", [*_split(mnist_root), "optimization=adam", "optimization.learning_rate=1e-3",
-                                         "optimization.lr_decay=0.995", "dataset.batch_size=128",
+                                         "optimization.scheduler.gamma=0.995", "dataset.batch_size=128",
                                          "optimization.epochs=10"])
     assert list(cfg.model.hidden_sizes) == [1024, 1024]
     m = train(cfg, tmp_path)

@@ -1,0 +1,138 @@
+"""The one error path of every entry point (``mnist_*.py``, ``global_optim.py``, ``approx_quality.py``,
+``compare.py``, ``scripts/bench.py``).
+
+Hydra scripts are thin::
+
+    @hydra.main(version_base="1.3", config_path="configs", config_name="mnist_fwdgrad")
+    @hydra_task
+    def main(cfg): return run(cfg)
+
+    if __name__ == "__main__":
+        run_hydra(main)
+
+and behave alike:
+
+* a :class:`~fwdgrad.errors.UserError` (a bad config value, missing data, no run to compare) is logged as one
+  ``[ERROR]`` paragraph (console and ``<job>.log``), without a traceback, and the process exits with status 2;
+  so does a config Hydra itself cannot compose (an unknown key, a missing group option);
+* a :class:`~fwdgrad.errors.RunError` (the run started and failed; its files are kept), including a training
+  run stopped by a non-finite loss, is logged the same way and exits with status 1; inside a ``-m`` multirun
+  the sweep goes on to its next job instead;
+* anything else is a bug: its traceback is logged and the process exits with status 1.
+
+Argparse scripts use :func:`run_cli`: ``prog: error: message`` on stderr and status 2 (as argparse does for a
+bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
+
+Run directories: every Hydra script includes ``configs/hydra/default.yaml``, which names them
+``outputs/<config name>/<date>_<time with microseconds>-<pid>`` (multirun: ``..._multirun/<job>_<overrides>``),
+so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fwdgrad.errors import ConfigError, RunError, UserError
+
+__all__ = ["EntryExit", "hydra_task", "one_paragraph", "run_cli", "run_hydra"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+if not OmegaConf.has_resolver("pid"):
+    # The process id, for unique run directories; cached, so a sweep's jobs (joblib workers included, which
+    # receive the parent's resolver cache) share the sweep directory of the process that launched them.
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
+
+
+class EntryExit(SystemExit):
+    """The process exit an entry point decided on, after reporting why (its status is final)."""
+
+
+def one_paragraph(err: BaseException) -> str:
+    """The error's message on one line (messages are one paragraph; a stray newline must not split a log)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_name(default: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.name if HydraConfig.initialized() else default
+
+
+def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional[T]]:
+    """Wrap a Hydra task function with the shared error handling and timing (module docstring)."""
+
+    @functools.wraps(fn)
+    def task(cfg: DictConfig) -> Optional[T]:
+        t0 = time.perf_counter()
+        status = "failed"
+        try:
+            result = fn(cfg)
+            status = "finished"
+            return result
+        except UserError as err:
+            log.error("%s", one_paragraph(err))
+            raise EntryExit(err.exit_code) from None
+        except OmegaConfBaseException as err:  # a key the code reads is absent or cannot be resolved
+            log.error("%s", one_paragraph(ConfigError(f"the config cannot be read: {err}")))
+            raise EntryExit(ConfigError.exit_code) from None
+        except RunError as err:
+            log.error("%s", one_paragraph(err))
+            if _in_multirun():
+                return None  # this job failed (its files are kept); the sweep goes on
+            raise EntryExit(err.exit_code) from None
+        except Exception:
+            log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
+            raise EntryExit(1) from None
+        finally:
+            log.info("%s %s after %.1f s", _job_name(fn.__name__), status, time.perf_counter() - t0)
+            _flush_logs()
+
+    return task
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function, giving Hydra's own config errors the exit status of a config error.
+
+    Hydra reports a config it cannot compose (an unknown key, a missing option, a bad override) itself and
+    exits with status 1; every failure inside the task exits through :class:`EntryExit` with its final status,
+    so an exit with status 1 that is not an :class:`EntryExit` is such a config error: status 2.
+    """
+    try:
+        main()
+    except EntryExit:
+        raise
+    except SystemExit as exit_:
+        if exit_.code == 1:
+            raise SystemExit(ConfigError.exit_code) from None
+        raise
+
+
+def run_cli(prog: str, fn: Callable[[], Optional[int]]) -> int:
+    """Run an argparse script's body; return its exit status (errors as ``prog: error: message`` on stderr)."""
+    try:
+        return int(fn() or 0)
+    except (UserError, RunError) as err:
+        sys.stderr.write(f"{prog}: error: {one_paragraph(err)}\n")
+        return err.exit_code

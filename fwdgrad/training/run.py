@@ -1,0 +1,237 @@
+"""Running a training job: how many processes (decided here, outside the loop), and what one process does.
+
+* :func:`train`: the public entry, ``train(cfg, output_dir) -> metrics``. It runs :func:`train_process` in this
+  process, in ``distributed.world_size`` spawned local workers (``torch.distributed``, gloo on CPU), or, under
+  ``torchrun``, as one member of torchrun's process group.
+* :func:`train_process`: one process's run: check the settings, build, apply the thread count and the malloc
+  tuning, :func:`~fwdgrad.training.loop.fit`, and write ``plots.png`` and ``metrics.json``.
+* :func:`run`: what ``mnist_fwdgrad.py`` / ``mnist_backprop.py`` call: :func:`train`, with a run that stopped on
+  a non-finite loss reported as a :class:`~fwdgrad.errors.RunError` (exit status 1, after its files are written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing.spawn import ProcessException
+
+from fwdgrad import errors
+from fwdgrad.config import threads
+from fwdgrad.distributed import env_world_size, init_from_env, launch_workers
+from fwdgrad.errors import ConfigError, RunError
+from fwdgrad.memory import RssPeak, tune_malloc
+from fwdgrad.training.factory import Components, Settings, build_components, read_settings
+from fwdgrad.training.loop import TrainState, finite_or_none, fit
+from fwdgrad.training.recorder import Recorder
+from fwdgrad.training.run_files import METRICS_FILE, PLOTS_FILE, StopReason
+
+__all__ = ["run", "train", "train_process"]
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError("no output directory: pass output_dir=... or run through mnist_fwdgrad.py / "
+                          "mnist_backprop.py (Hydra sets the run directory).")
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` with the estimator ``cfg.gradient``; return the metrics.
+
+    Args:
+        cfg: the composed config (``configs/mnist_fwdgrad.yaml`` or ``configs/mnist_backprop.yaml``).
+        output_dir: where to write; defaults to Hydra's run directory, so tests and notebooks can call
+            ``train(cfg, tmp_path)`` without ``@hydra.main``.
+
+    Returns:
+        The dict also written to ``metrics.json`` (keys :data:`~fwdgrad.training.run_files.METRIC_KEYS`). A
+        non-finite loss does not raise: it ends the run with ``stopped="non_finite_loss"`` after writing
+        everything (:func:`run` turns it into an error).
+    """
+    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    dist_cfg = cfg.get("distributed") or {}
+    world_size = int(dist_cfg.get("world_size", 1))
+    timeout_s = float(dist_cfg.get("timeout_s", 120))
+    if world_size < 1:
+        raise ConfigError(f"distributed.world_size must be >= 1, got {world_size}.")
+    read_settings(cfg)  # a bad value fails here, before any data is loaded or worker spawned
+    if torch.distributed.is_initialized():  # already a worker (spawned below, or a caller's process group)
+        return train_process(cfg, output_dir)
+    if env_world_size() > 1:  # started by torchrun: every process runs this function
+        init_from_env(str(dist_cfg.get("backend", "auto")), timeout_s)
+        return train_process(cfg, output_dir)
+    if world_size > 1:
+        return _train_spawned(cfg, output_dir, world_size, timeout_s)
+    return train_process(cfg, output_dir)
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    """The training scripts' task: :func:`train` into Hydra's run directory; a non-finite loss is a RunError."""
+    metrics = train(cfg)
+    if metrics["stopped"] == StopReason.NON_FINITE_LOSS.value:
+        raise RunError(f"{metrics['stop_detail']} Run directory: {_hydra_output_dir()}")
+    return metrics
+
+
+# -- data parallelism: local workers ----------------------------------------------------------------------------
+def _worker(rank: int, world_size: int, cfg_yaml: str, output_dir: str) -> None:
+    train_process(OmegaConf.create(cfg_yaml), Path(output_dir))
+
+
+def _train_spawned(cfg: DictConfig, output_dir: Path, world_size: int, timeout_s: float) -> Dict[str, Any]:
+    """Run :func:`train_process` in ``world_size`` local processes; return rank 0's metrics."""
+    log.info("data-parallel training on %d local processes (each on 1/%d of every batch); rank 0 writes %s",
+             world_size, world_size, output_dir)
+    try:
+        launch_workers(_worker, world_size, args=(OmegaConf.to_yaml(cfg, resolve=True), str(output_dir)),
+                       timeout_s=timeout_s)
+    except ProcessException as err:  # a worker raised, or died
+        raise _worker_error(err) from None
+    metrics_file = output_dir / METRICS_FILE
+    if not metrics_file.is_file():
+        raise RunError(f"the data-parallel workers finished without writing {metrics_file}; see the log above.")
+    return json.loads(metrics_file.read_text())
+
+
+def _worker_error(err: Exception) -> errors.FwdgradError:
+    """The error a worker raised, rebuilt from the last line of its traceback (``module.Class: message``) when
+    it is one of fwdgrad's, so that a config error in a worker still exits with status 2; else a RunError."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else str(err)
+    name, _, message = last.partition(": ")
+    cls = getattr(errors, name.rsplit(".", 1)[-1], None)
+    if isinstance(cls, type) and issubclass(cls, errors.FwdgradError) and message:
+        return cls(message)
+    return RunError(f"a data-parallel worker failed ({last}); see its traceback above.")
+
+
+# -- one process ---------------------------------------------------------------------------------------------------
+def _rank_and_world() -> Tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def _malloc_tuning(setting: Any, parts: Components, device: torch.device) -> Iterator[None]:
+    """Apply :func:`fwdgrad.memory.tune_malloc` for the run when it helps, restoring glibc's defaults after.
+
+    ``auto`` tunes for k > 1 forward gradients on the CPU: each intermediate tangent is k activations large, and
+    glibc would hand every such block back to the OS and page-fault it in again on the next step.
+    """
+    k = int(parts.estimator.describe().get("num_tangents", 1))
+    wanted = setting is True or (setting == "auto" and k > 1 and device.type == "cpu")
+    tuned = tune_malloc(True) if wanted else False
+    if wanted:
+        log.info("malloc %s (tune_malloc=%s; k=%d on %s)", "tuned to keep freed memory for reuse" if tuned
+                 else "tuning unavailable (not glibc)", setting, k, device.type)
+    try:
+        yield
+    finally:
+        if tuned:
+            tune_malloc(False)
+
+
+class _PeakMemory:
+    """Peak memory of the run from its start: CUDA's allocator statistics, or the resident set's growth."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._rss: Optional[RssPeak] = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self._rss = RssPeak().start()
+
+    def read(self) -> Tuple[Optional[float], str]:
+        if self._rss is None:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
+        return self._rss.peak_mib(), self._rss.source
+
+
+def train_process(cfg: DictConfig, output_dir: Path) -> Dict[str, Any]:
+    """This process's share of the run (the whole run in a single process); returns the metrics."""
+    settings = read_settings(cfg)
+    rank, world_size = _rank_and_world()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one log: rank 0's
+    with threads(settings.threads) as n_threads:
+        log.info("torch uses %d intra-op threads (threads=%s)", n_threads, settings.threads)
+        parts = build_components(cfg, settings, world_size)
+        with _malloc_tuning(settings.tune_malloc, parts, settings.device):
+            recorder = Recorder(output_dir, enabled=rank == 0)
+            memory = _PeakMemory(settings.device)
+            try:
+                state = _fit_with_progress(parts, settings, recorder, cfg)
+                metrics = _metrics(state, parts, settings, memory)
+                recorder.flush()
+                if rank == 0:
+                    _plot(recorder, parts, state, settings, output_dir)
+                recorder.write_metrics(metrics)  # last: its presence marks a finished run
+            finally:
+                recorder.close()
+    log.info("done (%s: %s): final test accuracy %.4f, best %.4f, %d steps, %.1f s; outputs in %s", state.stop.value,
+             state.stop_detail, state.test_accuracy, state.best_test_accuracy, state.step, metrics["wall_time_s"],
+             output_dir)
+    return metrics
+
+
+def _fit_with_progress(parts: Components, settings: Settings, recorder: Recorder, cfg: DictConfig) -> TrainState:
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    show = settings.progress_bar and recorder.enabled
+    with logging_redirect_tqdm(), tqdm(total=parts.total_steps, disable=not show, unit="step",
+                                       dynamic_ncols=True) as bar:
+        return fit(parts, settings, recorder, cfg, bar)
+
+
+def _plot(recorder: Recorder, parts: Components, state: TrainState, settings: Settings, output_dir: Path) -> None:
+    from fwdgrad.plots import plot_run  # matplotlib only when a figure is drawn
+
+    plot_run(recorder.rows, output_dir / PLOTS_FILE, parts.splits, state.predictions, settings.plot_misclassified)
+
+
+def _metrics(state: TrainState, parts: Components, settings: Settings, memory: _PeakMemory) -> Dict[str, Any]:
+    """``metrics.json``: the run's results and what it ran with."""
+    peak_mb, peak_source = memory.read()
+    data_parallel = parts.world_size > 1
+    return {
+        "final_test_accuracy": state.test_accuracy,
+        "best_test_accuracy": state.best_test_accuracy,
+        "final_test_loss": finite_or_none(state.test_loss),
+        "final_train_loss": finite_or_none(state.final_train_loss),
+        "steps": state.step,
+        "epochs_completed": state.epochs_completed,
+        "wall_time_s": round(state.elapsed(), 3),
+        "step_time_ms": statistics.median(state.step_ms) if state.step_ms else None,
+        "peak_memory_mb": round(peak_mb, 1) if peak_mb is not None else None,
+        "peak_memory_source": peak_source,
+        "stopped": state.stop.value,
+        "stop_detail": state.stop_detail,
+        "estimator": parts.estimator.describe(),
+        "dataset": parts.splits.name,
+        "model": type(parts.model).__name__,
+        "device": str(settings.device),
+        "model_parameters": sum(p.numel() for p in parts.params),
+        "dataset_info": parts.splits.describe(),
+        "data_load_s": round(parts.data_load_s, 3),
+        "seed": settings.seed,
+        "world_size": parts.world_size,
+        "threads": torch.get_num_threads(),
+        # bytes this rank contributed to all-reduces in the last step (k+1 float64 for forward gradients,
+        # n+1 floats for backprop); 0 in a single process.
+        "allreduce_bytes_per_step": parts.estimator.stats.bytes_allreduced if data_parallel else 0,
+    }
