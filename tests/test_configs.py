@@ -26,7 +26,8 @@ OFFLINE = {"digits", "penguins"}
 EXPERIMENTS = {
     "reference_mnist": ("mnist_fwdgrad", "mnist_backprop"),
     "reference_beale": ("global_optim",),
-    "reference_rosenbrock": ("global_optim",),
+    "beale": ("global_optim",),
+    "rosenbrock": ("global_optim",),
 }
 
 
@@ -154,8 +155,11 @@ def test_every_experiment_composes_and_instantiates_with_its_script(name: str, s
     assert isinstance(instantiate(cfg.gradient), GradientEstimator)
     if script == "global_optim":
         function = instantiate(cfg.function)
-        assert isinstance(function, Beale if name == "reference_beale" else Rosenbrock)
+        assert isinstance(function, Rosenbrock if name == "rosenbrock" else Beale)
         assert isinstance(instantiate(cfg.baseline), GradientEstimator)
+        if name != "reference_beale":  # this project's published runs are the default settings, made explicit
+            assert cfg == compose_cfg(script, [f"function={name}"])
+            return
         # orobix/fwdgrad: plain SGD at lr 1e-2, no schedule, 1000 iterations, seed 42, start torch.rand(2)
         assert cfg.optimization.optimizer._target_ == "torch.optim.SGD" and cfg.optimization.optimizer.momentum == 0
         assert opt.param_groups[0]["lr"] == 1e-2 and cfg.iterations == 1000 and cfg.seed == 42

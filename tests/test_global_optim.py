@@ -334,8 +334,9 @@ def test_reference_beale_recipe_converges(tmp_path):
 
 
 def test_a_diverged_estimator_makes_the_script_exit_1_after_writing(tmp_path):
-    # The reference's Rosenbrock recipe: plain SGD at lr 1e-2 is beyond its stability limit (~2e-3).
-    proc = _run_script(tmp_path, "+experiment=reference_rosenbrock", "progress=false")
+    # Plain SGD at lr 1e-2 on Rosenbrock is beyond its stability limit 2 / lambda_max ~ 2e-3 (lambda_max ~ 1000).
+    proc = _run_script(tmp_path, "function=rosenbrock", "optimization=sgd", "optimization/scheduler=constant",
+                       "optimization.learning_rate=1e-2", "iterations=200", "progress=false")
     assert proc.returncode == 1
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output
