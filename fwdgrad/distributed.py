@@ -163,8 +163,8 @@ def _exit_message(err: Any, grace_s: float) -> str:
     else:
         how = (f"exited with status {getattr(err, 'exit_code', '?')} without a Python error (a crash in native "
                "code, or os._exit)")
-    return (f"data-parallel worker {rank} (pid {pid}) {how}. The other workers were given {grace_s:.0f} s to "
-            "stop by themselves (their next all-reduce fails) and then terminated.")
+    return (f"data-parallel worker {rank} (pid {pid}) {how}. The other workers stop by themselves at their next "
+            f"all-reduce, or are terminated after {grace_s:.0f} s.")
 
 
 def _die_with_parent() -> None:
@@ -303,7 +303,7 @@ class DataParallelEstimator(GradientEstimator):
         try:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         except Exception as exc:  # gloo raises RuntimeError (or DistBackendError) on a lost peer / timeout
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""  # gloo appends advice and emoji
             raise WorkerLostError(
                 f"rank {self.rank}: an all-reduce failed ({type(exc).__name__}: {first}). Another worker probably "
                 "died or stopped answering; this worker stops too. Check the other workers' logs for the original "

@@ -168,7 +168,7 @@ def _typed_leaves(cfg: DictConfig, schema: type, prefix: str = "") -> Iterator[s
 
 def _field_type(schema: type, dotted: str) -> str:
     tp: Any = schema
-    for part in dotted.split("."):
+    for part in dotted.split("[")[0].split("."):
         fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
         if part not in fields:
             return "see there"
