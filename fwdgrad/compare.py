@@ -182,7 +182,8 @@ def load_run(path: str | Path) -> Run:
     try:
         config = flatten_config(OmegaConf.load(cfg_path))
     except FileNotFoundError:
-        raise RunDirError(f"{path} has {METRICS_FILE} but no {CONFIG_FILE}, which labels the run; it was not "
+        found = METRICS_FILE if (path / METRICS_FILE).is_file() else RUN_STATUS_FILE
+        raise RunDirError(f"{path} has {found} but no {CONFIG_FILE}, which labels the run; it was not "
                           f"written by a Hydra training script, or the folder was copied without its hidden "
                           f".hydra/ directory. {_RUN_HELP}") from None
     except Exception as e:  # malformed YAML

@@ -26,6 +26,7 @@ from fwdgrad.compare import find_run_dirs, load_run, main as compare_main
 from fwdgrad.errors import ConfigError
 from fwdgrad.training import loop, train
 from fwdgrad.training.resume import load_resume
+from fwdgrad.training.signals import StopSignals
 from mnist_helpers import ROOT, TINY, compose_cfg, read_metrics
 
 #: A run long enough to be interrupted (digits, 23 steps per epoch, a small MLP: a fraction of a second per epoch).
@@ -77,11 +78,13 @@ def _check_interrupted_files(run_dir: Path, signame: str) -> dict:
     return metrics
 
 
-@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+# SIGTERM to a real process: the data-parallel test below (a launcher's SIGTERM, exit 143, the same files) and the
+# resume tests (a single process, in process); one script run per signal would cost ~8 s of CPU each.
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_its_files_written(sig, status, tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
-    _wait_for(run_dir, "epoch 2/", proc)
+    _wait_for(run_dir, "epoch 1/", proc)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == status, output[-2000:]
@@ -100,14 +103,14 @@ def test_a_killed_run_is_listed_as_unfinished(tmp_path: Path, capsys):
     OmegaConf.save(cfg, finished / ".hydra" / "config.yaml")  # as Hydra would have
     killed = tmp_path / "runs" / "killed"
     proc = _start(killed)
-    _wait_for(killed, "epoch 2/", proc)
+    _wait_for(killed, "epoch 2/", proc)  # epoch 1's files are written
     proc.kill()  # SIGKILL: no handler runs
     proc.communicate(timeout=60)
     assert not (killed / "metrics.json").exists()
     assert json.loads((killed / "run.json").read_text())["status"] == "running"
     assert [p.name for p in find_run_dirs([tmp_path / "runs"])] == ["finished", "killed"]
     run = load_run(killed)
-    assert run.metrics["stopped"] == "unfinished" and run.metrics["steps"] >= 2 * STEPS_PER_EPOCH
+    assert run.metrics["stopped"] == "unfinished" and run.metrics["steps"] >= STEPS_PER_EPOCH
     assert "never ended" in run.metrics["stop_detail"]
     out = tmp_path / "cmp"
     assert compare_main([str(tmp_path / "runs"), "--out", str(out)]) == 0
@@ -119,7 +122,7 @@ def test_a_killed_run_is_listed_as_unfinished(tmp_path: Path, capsys):
 def test_data_parallel_workers_stop_together_on_a_signal_to_the_launcher(tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "distributed.world_size=2", "distributed.timeout_s=60")
-    _wait_for(run_dir, "epoch 2/", proc)  # rank 0's epoch lines reach the log
+    _wait_for(run_dir, "epoch 1/", proc)  # rank 0's epoch lines reach the log
     workers = _workers(proc.pid)
     assert len(workers) == 2
     proc.send_signal(signal.SIGTERM)  # to the launcher only: it forwards it
@@ -135,7 +138,7 @@ def test_data_parallel_workers_stop_together_on_a_signal_to_the_launcher(tmp_pat
 def test_a_killed_data_parallel_worker_ends_the_run_with_one_paragraph(tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "distributed.world_size=2", "distributed.timeout_s=20")
-    _wait_for(run_dir, "epoch 2/", proc)
+    _wait_for(run_dir, "epoch 1/", proc)
     os.kill(_workers(proc.pid)[1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 1, output[-2000:]
@@ -146,9 +149,39 @@ def test_a_killed_data_parallel_worker_ends_the_run_with_one_paragraph(tmp_path:
     assert metrics["stopped"] == "worker_lost" and torch.load(run_dir / "model.pt", weights_only=False)["epoch"] >= 1
 
 
+def test_a_second_interrupt_stops_at_once(monkeypatch, tmp_path: Path):
+    """A user who does not want to wait for the step to end presses Ctrl-C again: KeyboardInterrupt where it
+    happens, no metrics.json, run.json says so (compare.py lists the run as unfinished). Workers never escalate."""
+    real, calls = loop._step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_step", step)
+    cfg = compose_cfg("mnist_fwdgrad", RESUMABLE)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run")
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")  # as Hydra would have
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    status = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert status["status"] == "failed" and "KeyboardInterrupt" in status["detail"]
+    assert load_run(tmp_path / "run").metrics["stopped"] == "unfinished"
+    with StopSignals(escalate=False) as worker:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert worker.received == signal.SIGTERM and worker.count == 2
+
+
 # -- resume ----------------------------------------------------------------------------------------------------------
-RESUMABLE = (*TINY, "model=mlp", "model.hidden_sizes=[16]", "optimization=adam", "optimization.epochs=3",
-             "gradient.num_tangents=2", "log_every=5")
+#: 320 training digits: 5 steps per epoch, so three short runs (straight, stopped, resumed) cost little.
+RESUMABLE = (*TINY, "dataset.limit_train=320", "dataset.limit_test=100", "model=mlp", "model.hidden_sizes=[16]",
+             "optimization=adam", "optimization.epochs=3", "gradient.num_tangents=2", "log_every=2")
+RESUME_STEPS_PER_EPOCH = 5
 
 
 def _interrupt_at_step(monkeypatch, n: int, sig: int = signal.SIGTERM) -> None:
@@ -166,13 +199,13 @@ def _interrupt_at_step(monkeypatch, n: int, sig: int = signal.SIGTERM) -> None:
 
 @pytest.fixture(scope="module")
 def straight_and_stopped(tmp_path_factory) -> Path:
-    """One run of 3 epochs, and the same run interrupted by SIGTERM in its second epoch (at step 30)."""
+    """One run of 3 epochs, and the same run interrupted by SIGTERM in its second epoch (at step 8)."""
     root = tmp_path_factory.mktemp("resume")
     train(compose_cfg("mnist_fwdgrad", RESUMABLE), root / "straight")
     with pytest.MonkeyPatch.context() as m:
-        _interrupt_at_step(m, 30)
+        _interrupt_at_step(m, 8)
         stopped = train(compose_cfg("mnist_fwdgrad", RESUMABLE), root / "stopped")
-    assert stopped["stopped"] == "interrupted" and stopped["steps"] == 30 and stopped["epochs_completed"] == 1
+    assert stopped["stopped"] == "interrupted" and stopped["steps"] == 8 and stopped["epochs_completed"] == 1
     return root
 
 
@@ -181,7 +214,7 @@ def test_resume_continues_to_the_weights_of_an_uninterrupted_run(straight_and_st
     cfg = OmegaConf.create(torch.load(root / "stopped" / "model.pt", weights_only=False)["config"])
     cfg.resume = str(root / "stopped")
     resumed = train(cfg, tmp_path / "resumed")
-    assert resumed["stopped"] == "completed" and resumed["steps"] == 3 * STEPS_PER_EPOCH
+    assert resumed["stopped"] == "completed" and resumed["steps"] == 3 * RESUME_STEPS_PER_EPOCH
     assert resumed["resumed_from"] == str(root / "stopped")
     a, b = (torch.load(d / "model.pt", weights_only=False) for d in (root / "straight", tmp_path / "resumed"))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # bit for bit
