@@ -34,6 +34,7 @@ from fwdgrad.errors import ConfigError
 __all__ = [
     "ApproxQualityConfig",
     "DistributedConfig",
+    "EntryPointConfig",
     "GlobalOptimConfig",
     "OptimizationConfig",
     "TrainingConfig",
@@ -70,14 +71,21 @@ class DistributedConfig:
 
 
 @dataclass
-class TrainingConfig:
+class EntryPointConfig:
+    """What every entry point reads: its estimator, its seed, and whether it may replace an earlier run's files."""
+
+    gradient: Any = MISSING
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class TrainingConfig(EntryPointConfig):
     """``mnist_fwdgrad.py`` and ``mnist_backprop.py`` (``configs/mnist.yaml``)."""
 
     dataset: Any = MISSING
     model: Any = MISSING
-    gradient: Any = MISSING
     optimization: TrainingOptimizationConfig = field(default_factory=TrainingOptimizationConfig)
-    seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
     tune_malloc: Any = "auto"  # auto | true | false
@@ -86,39 +94,32 @@ class TrainingConfig:
     progress_bar: bool = True
     plot_misclassified: int = 20
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    overwrite: bool = False
     resume: Optional[str] = None
 
 
 @dataclass
-class GlobalOptimConfig:
+class GlobalOptimConfig(EntryPointConfig):
     """``global_optim.py`` (``configs/global_optim.yaml``)."""
 
     function: Any = MISSING
-    gradient: Any = MISSING
     baseline: Any = None
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
-    seed: int = 0
     iterations: int = 10000
     threads: Optional[int] = None
     log_every: int = 10
     progress: bool = True
-    overwrite: bool = False
 
 
 @dataclass
-class ApproxQualityConfig:
+class ApproxQualityConfig(EntryPointConfig):
     """``approx_quality.py`` (``configs/approx_quality.yaml``)."""
 
-    gradient: Any = MISSING
     source: Any = MISSING
-    seed: int = 0
     num_samples: int = 200
     num_tangents: List[int] = field(default_factory=list)
     aggregations: List[str] = field(default_factory=list)
     distributions: List[str] = field(default_factory=list)
     num_threads: Optional[int] = None
-    overwrite: bool = False
 
 
 # -- the checks ------------------------------------------------------------------------------------------------
