@@ -48,7 +48,9 @@ from torch import Tensor
 
 from fwdgrad.config import build
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import AGGREGATIONS, ForwardGradient, LossFn, Params, aggregate
+from fwdgrad.estimators import AGGREGATIONS, ForwardGradient, LossFn, Params, aggregate, check_seed
+from fwdgrad.rundir import claim_output_dir
+from fwdgrad.schema import ApproxQualityConfig, validate_config
 
 __all__ = [
     "GradientSource",
@@ -382,11 +384,17 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     (default: Hydra's run directory) and returns the mean cosine of every row, keyed
     ``cos/<source>/<distribution>/<aggregation>/k=<k>``.
     """
+    validate_config(cfg, ApproxQualityConfig, "approx_quality.py")
+    check_seed(cfg.get("seed", 0))
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
+        if not HydraConfig.initialized():
+            raise ConfigError("no output directory: pass output_dir=... or run through approx_quality.py (Hydra "
+                              "sets its run directory).")
         output_dir = Path(HydraConfig.get().runtime.output_dir)
     output_dir = Path(output_dir)
+    claim_output_dir(output_dir, bool(cfg.get("overwrite", False)))
     ks = [int(k) for k in cfg.num_tangents]
     if not ks or min(ks) < 1:
         raise ConfigError(f"num_tangents must be a non-empty list of integers >= 1, got {ks}.")

@@ -18,6 +18,9 @@ and behave alike:
 * a :class:`~fwdgrad.errors.RunError` (the run started and failed; its files are kept), including a training
   run stopped by a non-finite loss, is logged the same way and exits with status 1; inside a ``-m`` multirun
   the sweep goes on to its next job instead;
+* :class:`~fwdgrad.errors.Interrupted` (SIGINT/SIGTERM stopped the run after writing its files) is logged as a
+  warning and exits with status 128 + the signal's number, also ending a multirun; a second Ctrl-C, which
+  stops at once (``KeyboardInterrupt``), exits with status 130;
 * anything else is a bug: its traceback is logged and the process exits with status 1.
 
 Argparse scripts use :func:`run_cli`: ``prog: error: message`` on stderr and status 2 (as argparse does for a
@@ -25,7 +28,10 @@ bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
 
 Run directories: every Hydra script includes ``configs/hydra/default.yaml``, which names them
 ``outputs/<config name>/<date>_<time with microseconds>-<pid>`` (multirun: ``..._multirun/<job>_<overrides>``),
-so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here.
+so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here, and
+so is the callback that file installs, :class:`RunDirGuard`: a run directory given by hand
+(``hydra.run.dir=...``) that already holds files is refused before Hydra writes into it, unless the config says
+``overwrite=true`` (:mod:`fwdgrad.rundir`).
 """
 
 from __future__ import annotations
@@ -37,12 +43,16 @@ import sys
 import time
 from typing import Any, Callable, Optional, TypeVar
 
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fwdgrad.errors import ConfigError, RunError, UserError
+from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
+from fwdgrad.rundir import claim_run_dir
 
-__all__ = ["EntryExit", "hydra_task", "one_paragraph", "run_cli", "run_hydra"]
+__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "one_paragraph", "run_cli", "run_hydra"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,11 +107,20 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional
         except OmegaConfBaseException as err:  # a key the code reads is absent or cannot be resolved
             log.error("%s", one_paragraph(ConfigError(f"the config cannot be read: {err}")))
             raise EntryExit(ConfigError.exit_code) from None
+        except Interrupted as err:
+            status = "interrupted"
+            log.warning("%s", one_paragraph(err))
+            raise EntryExit(err.exit_code) from None  # a user who stops a job means the whole sweep
         except RunError as err:
             log.error("%s", one_paragraph(err))
             if _in_multirun():
                 return None  # this job failed (its files are kept); the sweep goes on
             raise EntryExit(err.exit_code) from None
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("stopped at once by a second interrupt: the files are those written before it (run.json "
+                        "says so for a training run; its model.pt is the last finished epoch's)")
+            raise EntryExit(130) from None
         except Exception:
             log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
             raise EntryExit(1) from None
@@ -110,6 +129,29 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional
             _flush_logs()
 
     return task
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): claim the run (or sweep) directory before Hydra writes
+    ``.hydra/`` into it, so that a refused directory keeps the earlier run's files as they were.
+
+    Logging is not configured yet at this point, so a refusal goes to stderr as one ``[ERROR]`` line; the
+    process exits with status 2.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._claim(config.hydra.run.dir, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._claim(config.hydra.sweep.dir, config)
+
+    @staticmethod
+    def _claim(run_dir: str, config: DictConfig) -> None:
+        try:
+            claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)))
+        except UserError as err:
+            sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
+            raise EntryExit(err.exit_code) from None
 
 
 def run_hydra(main: Callable[[], Any]) -> None:

@@ -1,10 +1,13 @@
 """Side-by-side comparison of training runs: one figure, one markdown table, runs labelled by their configs.
 
 A run directory is what the MNIST training scripts write; its files and columns are defined once, in
-:mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json`` and
-``history.csv``). ``metrics.json`` is written when training ends, so a directory holds a finished run exactly
-when it holds that file; sweeps (``-m``) hold one run per numbered sub-directory and are found by searching
-recursively.
+:mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json``, ``run.json`` and
+``history.csv``). ``metrics.json`` is written when training ends, also when it ends early (``stopped`` says why:
+interrupted, non-finite loss, ...); ``run.json`` is written when it starts. A directory with ``run.json`` but no
+``metrics.json`` holds an *unfinished* run (killed, e.g. by SIGKILL or a machine failure, or still running): it is
+listed with ``stopped`` = ``unfinished`` (or ``running``, when its process is alive on this host), the steps its
+``history.csv`` reached, and its curves so far. Sweeps (``-m``) hold one run per numbered sub-directory and are
+found by searching recursively.
 
 Runs are labelled by what differs among the compared configs: the configs are flattened to dotted keys and
 the keys whose values are not all equal make up the labels (``gradient=ForwardGradient k=4 lr=0.001``).
@@ -16,6 +19,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import socket
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fwdgrad.cli import run_cli
 from fwdgrad.errors import RunDirError
-from fwdgrad.training.run_files import CONFIG_FILE, HISTORY_FILE, METRICS_FILE
+from fwdgrad.training.run_files import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, RUN_STATUS_FILE
 
 __all__ = [
     "RunDirError",
@@ -60,7 +65,7 @@ _RUN_HELP = (
     "A run directory is what mnist_fwdgrad.py / mnist_backprop.py write when training ends "
     "(outputs/mnist_fwdgrad/<timestamp>/, or one numbered sub-directory per job of a -m sweep) and holds "
     f"{METRICS_FILE}, {HISTORY_FILE} and {CONFIG_FILE}. Pass such a directory or any parent of several; a run "
-    f"that was interrupted has no {METRICS_FILE} yet."
+    f"that was killed before it could write {METRICS_FILE} is listed as unfinished (it has {RUN_STATUS_FILE})."
 )
 
 
@@ -77,7 +82,8 @@ class Run:
 
 # -- finding and reading runs --------------------------------------------------------------------------------
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Every run directory in or below ``paths`` (a directory counts when it holds ``metrics.json``).
+    """Every run directory in or below ``paths`` (a directory counts when it holds ``metrics.json`` or, for a run
+    that never finished, ``run.json``).
 
     Raises :class:`RunDirError` for a path that does not exist or holds no run. Duplicates (a run given
     directly and through its parent) are listed once, in the order first found; runs found below one parent
@@ -89,15 +95,21 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if not p.exists():
             raise RunDirError(f"{p} does not exist. {_RUN_HELP}")
         if p.is_file():
-            p = p.parent if p.name == METRICS_FILE else p
+            p = p.parent if p.name in (METRICS_FILE, RUN_STATUS_FILE) else p
             if not p.is_dir():
                 raise RunDirError(f"{raw} is a file, not a run directory. {_RUN_HELP}")
-        runs = [m.parent for m in p.rglob(METRICS_FILE)] if not (p / METRICS_FILE).is_file() else [p]
+        runs = [p] if _is_run_dir(p) else sorted({m.parent for name in (METRICS_FILE, RUN_STATUS_FILE)
+                                                  for m in p.rglob(name)})
         if not runs:
-            raise RunDirError(f"{p} holds no run: no {METRICS_FILE} was found in it or below it. {_RUN_HELP}")
+            raise RunDirError(f"{p} holds no run: no {METRICS_FILE} or {RUN_STATUS_FILE} was found in it or below "
+                              f"it. {_RUN_HELP}")
         for r in sorted(runs, key=_natural_key):
             found.setdefault(r.resolve(), None)
     return list(found)
+
+
+def _is_run_dir(p: Path) -> bool:
+    return (p / METRICS_FILE).is_file() or (p / RUN_STATUS_FILE).is_file()
 
 
 def _natural_key(p: Path) -> list[Any]:
@@ -158,7 +170,9 @@ def load_run(path: str | Path) -> Run:
     try:
         metrics = json.loads((path / METRICS_FILE).read_text())
     except FileNotFoundError:
-        raise RunDirError(f"{path} holds no {METRICS_FILE}, so it is not a finished run. {_RUN_HELP}") from None
+        if not (path / RUN_STATUS_FILE).is_file():
+            raise RunDirError(f"{path} holds no {METRICS_FILE}, so it is not a finished run. {_RUN_HELP}") from None
+        metrics = _unfinished_metrics(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path / METRICS_FILE} is not valid JSON ({e}); the run may have been interrupted "
                           "while writing it. Re-run it or leave it out of the comparison.") from None
@@ -168,7 +182,8 @@ def load_run(path: str | Path) -> Run:
     try:
         config = flatten_config(OmegaConf.load(cfg_path))
     except FileNotFoundError:
-        raise RunDirError(f"{path} has {METRICS_FILE} but no {CONFIG_FILE}, which labels the run; it was not "
+        found = METRICS_FILE if (path / METRICS_FILE).is_file() else RUN_STATUS_FILE
+        raise RunDirError(f"{path} has {found} but no {CONFIG_FILE}, which labels the run; it was not "
                           f"written by a Hydra training script, or the folder was copied without its hidden "
                           f".hydra/ directory. {_RUN_HELP}") from None
     except Exception as e:  # malformed YAML
@@ -183,7 +198,42 @@ def load_run(path: str | Path) -> Run:
     else:
         log.warning("%s has no %s: the run appears in the table but not in the figure", path, HISTORY_FILE)
         history = pd.DataFrame()
+    if metrics.get("stopped") in ("unfinished", "running") and len(history) and "step" in history:
+        metrics["steps"] = int(history["step"].max())  # how far it got, as far as its history was written
     return Run(path=path, config=config, metrics=metrics, history=history)
+
+
+def _unfinished_metrics(path: Path) -> dict[str, Any]:
+    """What a run without ``metrics.json`` shows: ``stopped`` = ``running`` if its process is alive on this host,
+    else ``unfinished`` (it was killed, or its machine went away), and why, from its ``run.json``."""
+    try:
+        status = json.loads((path / RUN_STATUS_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        status = {"status": "unknown", "detail": f"{RUN_STATUS_FILE} unreadable: {e}"}
+    pid, host = status.get("pid"), status.get("host")
+    alive = status.get("status") == "running" and host == socket.gethostname() and _process_alive(pid)
+    stopped = "running" if alive else "unfinished"
+    if alive:
+        detail = f"still running (pid {pid}, started {status.get('started')})"
+    elif status.get("status") == "running":
+        detail = (f"started {status.get('started')} as pid {pid} on {host} and never ended: killed (SIGKILL, out of "
+                  f"memory, a machine failure) or still running elsewhere; no {METRICS_FILE}")
+    else:
+        detail = f"run.json says {status.get('status')}: {status.get('detail', '')}; no {METRICS_FILE}"
+    log.warning("%s: %s", path, detail)
+    return {"stopped": stopped, "stop_detail": detail, "estimator": None}
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def default_run_dirs(roots: Sequence[str | Path] = ("outputs",)) -> list[Path]:
@@ -373,9 +423,17 @@ def compare_runs(paths: Sequence[str | Path], out_dir: Path) -> dict[str, Any]:
         f"![comparison]({figure.name})\n\n{table}\n\n"
         + (f"Labels show the config keys that differ: {', '.join(f'`{k}`' for k in differing)}.\n"
            if differing else "The runs' configs are identical.\n")
+        + _early_stops(runs)
     )
     log.info("wrote %s and %s", figure, md)
     return {"runs": runs, "table": table, "figure": figure, "markdown": md}
+
+
+def _early_stops(runs: Sequence[Run]) -> str:
+    """A note per run that did not complete (interrupted, unfinished, ...), with its reason."""
+    notes = [f"- {_cell(r.label)}: **{r.metrics.get('stopped')}**, {r.metrics.get('stop_detail') or ''}"
+             for r in runs if r.metrics.get("stopped") not in (None, "", "completed", "max_steps", "loss_threshold")]
+    return "\nRuns that did not complete:\n\n" + "\n".join(notes) + "\n" if notes else ""
 
 
 def _default_out_dir(root: Path = Path("outputs") / "compare") -> Path:

@@ -27,6 +27,7 @@ __all__ = [
     "build",
     "build_optimizer",
     "build_scheduler",
+    "check_learning_rate",
     "optional_positive",
     "threads",
 ]
@@ -57,8 +58,8 @@ def build(node: Any, what: str, *, expected: Optional[type] = None, **kwargs: An
     Raises:
         ConfigError: the node has no ``_target_``, a value is missing (``???``), or the target rejected its
             arguments (its ``ValueError``/``TypeError``/``ConfigError`` is the message), or it built the wrong
-            type. A :class:`DatasetError` from the target passes through unchanged; anything else (a bug)
-            propagates as it is.
+            type. A :class:`DatasetError` from the target passes through unchanged, and a ``PermissionError``
+            becomes one naming the path; anything else (a bug) propagates as it is.
     """
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"`{what}` must be a config node with a `_target_`, got {node!r}; choose one of the "
@@ -70,6 +71,10 @@ def build(node: Any, what: str, *, expected: Optional[type] = None, **kwargs: An
         cause = _root_cause(err)
         if isinstance(cause, DatasetError):
             raise cause from None
+        if isinstance(cause, PermissionError):  # e.g. a data folder this user may not read
+            from fwdgrad.data import unreadable
+
+            raise unreadable(cause.filename or target, cause) from None
         if isinstance(cause, (ValueError, TypeError, OmegaConfBaseException)):
             raise ConfigError(f"cannot build `{what}` ({target}) from the config: {cause}") from None
         raise
@@ -119,6 +124,15 @@ def build_scheduler(node: Optional[DictConfig], optimizer: torch.optim.Optimizer
             f"cannot build `{what}` ({node.get('_target_')}): {err}. It must be a partial "
             "torch.optim.lr_scheduler (`_partial_: true`), e.g. optimization/scheduler=constant."
         ) from None
+
+
+def check_learning_rate(value: Any, key: str = "optimization.learning_rate") -> float:
+    """The learning rate as a float, if it is a finite number > 0 (torch accepts inf, and nan only fails deep in
+    the optimizer); else :class:`ConfigError`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"`{key}` must be a finite number > 0, got {value!r}; e.g. {key}=0.01.")
+    return float(value)
 
 
 def optional_positive(value: Any, key: str, cast: type = float) -> Any:

@@ -24,6 +24,7 @@ deviation of the *training* split, so nothing about the held-out data leaks into
 
 from __future__ import annotations
 
+import getpass
 import gzip
 import logging
 import os
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fwdgrad.errors import CorruptDatasetError, DatasetError, DatasetNotFoundError
+from fwdgrad.errors import ConfigError, CorruptDatasetError, DatasetError, DatasetNotFoundError
 
 __all__ = [
     "Splits",
@@ -46,6 +47,7 @@ __all__ = [
     "OFFLINE_ALTERNATIVES",
     "iterate_batches",
     "read_idx",
+    "unreadable",
     "mnist",
     "fashion_mnist",
     "kmnist",
@@ -78,6 +80,21 @@ class Splits:
     #: Per-channel (images) or per-feature (tabular) statistics used to normalise; plots undo them.
     mean: Tuple[float, ...] = field(default_factory=tuple)
     std: Tuple[float, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        # Labels index the model's outputs: one out of range would fail deep in the loss (or, on a GPU, as a
+        # device-side assert), far from its cause.
+        for part, x, y in (("training", self.train_x, self.train_y), ("held-out", self.test_x, self.test_y)):
+            if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+                raise DatasetError(f"dataset {self.name!r}: the {part} labels must be one integer per example "
+                                   f"({x.shape[0]}), got a {y.dtype} tensor of shape {tuple(y.shape)}.")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                bad = y[(y < 0) | (y >= self.num_classes)]
+                raise DatasetError(
+                    f"dataset {self.name!r}: {bad.numel()} {part} label(s) outside 0..{self.num_classes - 1} (e.g. "
+                    f"{int(bad[0])}) for num_classes={self.num_classes}. The label file is damaged or belongs to "
+                    "another dataset, or the dataset factory's num_classes is wrong."
+                )
 
     @property
     def is_image(self) -> bool:
@@ -132,6 +149,27 @@ def _resolve_root(root: str | os.PathLike) -> Path:
     return p if p.is_absolute() else PROJECT_ROOT / p
 
 
+def unreadable(path: str | os.PathLike, err: OSError) -> DatasetError:
+    """The error for a data file or folder this process may not read: its data is fine, its permissions are not
+    (never "damaged; delete it", which could cost good data)."""
+    return DatasetError(
+        f"{path} cannot be read: {err.strerror or 'permission denied'} for the user this process runs as "
+        f"({getpass.getuser()}): a permission problem, not damaged data. Make it readable (chmod a+r on the files and a+rx on "
+        "their folders, or ask their owner), or point dataset.root at a readable copy."
+    )
+
+
+def _apply_limit(x: Tensor, y: Tensor, limit: Optional[int], key: str) -> Tuple[Tensor, Tensor]:
+    """The first ``limit`` examples (all for None); a limit that is not a positive integer is refused (``x[:-5]``
+    would silently drop the last five instead)."""
+    if limit is None:
+        return x, y
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"dataset.{key} must be a positive integer (use only the first N examples) or null "
+                          f"(all of them), got {limit!r}.")
+    return x[:limit], y[:limit]
+
+
 def _seeded_permutation(n: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n, generator=g)
@@ -159,10 +197,8 @@ def _finish(
     limit_test: Optional[int],
 ) -> Splits:
     """Apply the optional size limits, standardise, and wrap into :class:`Splits`."""
-    if limit_train is not None:
-        train_x, train_y = train_x[: int(limit_train)], train_y[: int(limit_train)]
-    if limit_test is not None:
-        test_x, test_y = test_x[: int(limit_test)], test_y[: int(limit_test)]
+    train_x, train_y = _apply_limit(train_x, train_y, limit_train, "limit_train")
+    test_x, test_y = _apply_limit(test_x, test_y, limit_test, "limit_test")
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
         raise DatasetError(
             f"dataset {name!r} has {train_x.shape[0]} training and {test_x.shape[0]} held-out examples after the "
@@ -215,6 +251,8 @@ def read_idx(path: Path) -> Tensor:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
+    except PermissionError as e:
+        raise unreadable(path, e) from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise CorruptDatasetError(
             f"cannot read {path}: {e}. The file is damaged; delete it and download it again "
@@ -244,8 +282,11 @@ def read_idx(path: Path) -> Tensor:
 
 def _idx_file(raw_dir: Path, stem: str) -> Optional[Path]:
     for name in (stem, stem + ".gz"):
-        if (raw_dir / name).is_file():
-            return raw_dir / name
+        try:
+            if (raw_dir / name).is_file():
+                return raw_dir / name
+        except PermissionError as e:  # a folder on the way may not be searched
+            raise unreadable(raw_dir, e) from None
     return None
 
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,8 +44,8 @@ from fwdgrad.estimators import (
     from_param_dict,
 )
 
-__all__ = ["DataParallelEstimator", "init_from_env", "find_free_port",
-           "launch_workers", "env_world_size"]
+__all__ = ["DataParallelEstimator", "configure_logging", "env_world_size", "find_free_port", "init_from_env",
+           "launch_workers", "logging_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +82,106 @@ def init_from_env(backend: str = "auto", timeout_s: float = 60.0) -> None:
     dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=float(timeout_s)))
 
 
-def launch_workers(fn: Callable[..., None], world_size: int, args: Sequence = (), timeout_s: float = 60.0) -> None:
+#: How often the launcher looks at its workers, and the margin it gives them beyond ``timeout_s`` to stop.
+_POLL_S, _MARGIN_S = 0.5, 10.0
+
+
+def launch_workers(fn: Callable[..., None], world_size: int, args: Sequence = (), timeout_s: float = 60.0,
+                   poll: Optional[Callable[[List[int]], None]] = None) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` local processes joined by a gloo/nccl group.
 
-    The rendezvous is on 127.0.0.1 at a free port. If any worker fails, the exception is raised here (the
-    remaining workers stop at their next collective, within ``timeout_s``).
+    The rendezvous is on 127.0.0.1 at a free port. The launcher supervises the workers until all have finished:
+
+    * a worker that raised: the others stop at their next collective (:class:`WorkerLostError` within
+      ``timeout_s``); torch's ``ProcessRaisedException`` is raised here, its message holding the traceback;
+    * a worker killed by a signal or exiting with an error status without a Python error: the others get
+      ``timeout_s`` (plus a margin) to stop by themselves, then are terminated; raises :class:`WorkerLostError`
+      with one paragraph saying which worker and how;
+    * workers still running ``timeout_s`` (plus a margin) after another one finished cleanly are hung: they are
+      terminated and :class:`WorkerLostError` is raised;
+    * ``poll(pids)`` is called about twice a second with the live workers' process ids (the training launcher
+      forwards stop signals through it).
+
+    If the launcher itself is interrupted (``KeyboardInterrupt``), the workers are killed before it re-raises.
     """
     if world_size < 1:
         raise ConfigError(f"distributed.world_size must be >= 1, got {world_size}.")
     import torch.multiprocessing as mp
 
     port = find_free_port()
-    mp.start_processes(
-        _worker_entry, args=(fn, world_size, port, timeout_s, tuple(args)), nprocs=world_size, join=True,
+    context = mp.start_processes(
+        _worker_entry, args=(fn, world_size, port, timeout_s, tuple(args)), nprocs=world_size, join=False,
         start_method="spawn",
     )
+    try:
+        _supervise(context, timeout_s + _MARGIN_S, poll)
+    except BaseException:
+        for proc in context.processes:  # leave no orphan behind (a worker also dies with its launcher, below)
+            if proc.is_alive():
+                proc.kill()
+        raise
+
+
+def _supervise(context: Any, grace_s: float, poll: Optional[Callable[[List[int]], None]]) -> None:
+    """Join the workers of ``context`` (a ``torch.multiprocessing.ProcessContext``), see :func:`launch_workers`."""
+    from torch.multiprocessing import ProcessExitedException
+
+    first_done: Optional[float] = None
+    while True:
+        try:
+            if context.join(timeout=_POLL_S, grace_period=grace_s):
+                return
+        except ProcessExitedException as err:
+            raise WorkerLostError(_exit_message(err, grace_s)) from None
+        alive = [proc for proc in context.processes if proc.is_alive()]
+        if poll is not None:
+            poll([proc.pid for proc in alive])
+        if len(alive) == len(context.processes):
+            continue
+        first_done = time.monotonic() if first_done is None else first_done
+        if time.monotonic() - first_done > grace_s:
+            hung = [rank for rank, proc in enumerate(context.processes) if proc.is_alive()]
+            for proc in alive:
+                proc.kill()
+                proc.join()
+            raise WorkerLostError(
+                f"data-parallel worker(s) {', '.join(map(str, hung))} still ran {grace_s:.0f} s after another "
+                "worker had finished, and were stopped: they hung outside a collective (which would have timed "
+                "out after distributed.timeout_s). What rank 0 wrote before is kept."
+            )
+
+
+def _exit_message(err: Any, grace_s: float) -> str:
+    """One paragraph for a worker that ended without a Python error (``ProcessExitedException``)."""
+    rank, pid = getattr(err, "error_index", "?"), getattr(err, "pid", None) or getattr(err, "error_pid", "?")
+    signal_name = getattr(err, "signal_name", None)
+    if signal_name:
+        how = f"was killed by {signal_name}"
+        if signal_name == "SIGKILL":
+            how += (" (the kernel's out-of-memory killer and job schedulers send SIGKILL; `dmesg` or the "
+                    "scheduler's log tells which)")
+    else:
+        how = (f"exited with status {getattr(err, 'exit_code', '?')} without a Python error (a crash in native "
+               "code, or os._exit)")
+    return (f"data-parallel worker {rank} (pid {pid}) {how}. The other workers stop by themselves at their next "
+            f"all-reduce, or are terminated after {grace_s:.0f} s.")
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when its launcher dies, even by SIGKILL, so that no worker
+    trains on orphaned (SIGTERM stops a training worker cleanly, at its next step boundary)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not glibc/musl: the worker just does not follow its launcher
+        pass
 
 
 def _worker_entry(rank: int, fn, world_size: int, port: int, timeout_s: float, args: tuple) -> None:
+    _die_with_parent()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -117,6 +201,39 @@ def _worker_entry(rank: int, fn, world_size: int, port: int, timeout_s: float, a
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# -- the workers' logging: rank 0's records go where the launcher's go ------------------------------------------
+def logging_spec() -> List[Dict[str, Any]]:
+    """The root logger's handlers as plain data (kind, target, level, format), for :func:`configure_logging` in
+    a spawned worker: a spawned process starts with no logging configuration at all."""
+    spec = []
+    root = logging.getLogger()
+    for handler in root.handlers:
+        fmt = handler.formatter
+        entry = {"level": handler.level, "format": fmt._fmt if fmt else None, "datefmt": fmt.datefmt if fmt else None}
+        if isinstance(handler, logging.FileHandler):
+            spec.append({**entry, "file": handler.baseFilename})
+        elif isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            spec.append({**entry, "stream": "stdout" if handler.stream is sys.stdout else "stderr"})
+    return [{"root_level": root.level}] + spec
+
+
+def configure_logging(spec: List[Dict[str, Any]], rank: int) -> None:
+    """Give this worker the launcher's handlers (:func:`logging_spec`): rank 0 logs as a single process would
+    (console and ``<job>.log``, appended to), other ranks only warnings and errors, marked with their rank."""
+    root = logging.getLogger()
+    root.setLevel(spec[0]["root_level"] if rank == 0 else logging.WARNING)
+    for entry in spec[1:]:
+        if "file" in entry:
+            handler: logging.Handler = logging.FileHandler(entry["file"], mode="a")
+        else:
+            handler = logging.StreamHandler(sys.stdout if entry["stream"] == "stdout" else sys.stderr)
+        fmt = entry["format"] if rank == 0 or not entry["format"] else entry["format"].replace(
+            "%(message)s", f"rank {rank}: %(message)s")
+        handler.setFormatter(logging.Formatter(fmt, entry["datefmt"]))
+        handler.setLevel(entry["level"])
+        root.addHandler(handler)
 
 
 @dataclass
@@ -145,6 +262,7 @@ class DataParallelEstimator(GradientEstimator):
         self.estimator = estimator
         self.group = group
         self.weight = 1.0
+        self.rows: Optional[int] = None  #: rows of this rank's last shard (None: no shard taken yet)
         self.stats = CommStats()
 
     @property
@@ -158,50 +276,101 @@ class DataParallelEstimator(GradientEstimator):
     def describe(self) -> Dict[str, object]:
         return {**self.estimator.describe(), "world_size": self.world_size}
 
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        return self.estimator.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.estimator.load_state_dict(state)
+
     def shard(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
-        """This rank's contiguous slice (along dim 0) of each tensor; sets the weight ``n_r / N``."""
+        """This rank's contiguous slice (along dim 0) of each tensor; sets the weight ``n_r / N``.
+
+        A batch of fewer rows than ranks leaves some ranks an empty shard (weight 0): those contribute exactly
+        nothing to the step (see :meth:`__call__`).
+        """
         n = tensors[0].shape[0]
         parts = [torch.tensor_split(t, self.world_size, dim=0)[self.rank] for t in tensors]
-        self.weight = parts[0].shape[0] / n if n else 0.0
+        self.rows = parts[0].shape[0]
+        self.weight = self.rows / n if n else 0.0
         return tuple(parts)
 
-    def _all_reduce(self, t: Tensor) -> Tensor:
-        self.stats.bytes_allreduced += t.numel() * t.element_size()
-        self.stats.calls += 1
+    def _all_reduce(self, t: Tensor, op: Any = None, count: bool = True) -> Tensor:
+        if count:
+            self.stats.bytes_allreduced += t.numel() * t.element_size()
+            self.stats.calls += 1
         if self.world_size == 1:
             return t
         try:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         except Exception as exc:  # gloo raises RuntimeError (or DistBackendError) on a lost peer / timeout
+            first = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""  # gloo appends advice and emoji
             raise WorkerLostError(
-                f"rank {self.rank}: an all-reduce failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                "Another worker probably died or stopped answering; this worker stops too. Check the other "
-                "workers' logs for the original error."
+                f"rank {self.rank}: an all-reduce failed ({type(exc).__name__}: {first}). Another worker probably "
+                "died or stopped answering; this worker stops too. Check the other workers' logs for the original "
+                "error."
             ) from exc
         return t
 
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``t`` summed over the ranks (e.g. counts for a whole-batch metric); not counted in :attr:`stats`."""
+        return self._all_reduce(t.clone(), count=False)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank must call this at the same point)."""
+        return bool(self._all_reduce(torch.tensor([int(flag)], dtype=torch.int32, device=self._device()),
+                                     op=dist.ReduceOp.MAX, count=False).item())
+
+    def _device(self) -> torch.device:
+        # nccl reduces only CUDA tensors; gloo takes CPU tensors
+        if dist.is_initialized() and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         self.stats = CommStats()
-        est = self.estimator
-        w = self.weight
-        if isinstance(est, DirectionalEstimator):
-            p, single = as_param_dict(params)
-            p = {name: t.detach() for name, t in p.items()}
-            # The estimator's own draw, as in its __call__ (rank-one factors, regenerated tangents, reused
-            # buffers): identical on every rank, since the ranks share the seed and the call sequence.
-            draw = est.draw(p)
-            loss, d = est.directional_derivatives(loss_fn, p, draw.tangents, single)
-            # One all-reduce of k + 1 scalars: the weighted local loss and directional derivatives.
-            packed = self._all_reduce(torch.cat([loss.reshape(1), d]).to(torch.float64) * w)
-            loss, d = packed[0].to(loss.dtype), packed[1:].to(d.dtype)
-            return loss, from_param_dict(est.estimate(draw, d), single)
-        loss, grads = est(loss_fn, params)
-        g, single = as_param_dict(grads)
+        # An empty shard contributes exactly nothing: its loss, a mean over no rows, would be 0/0 = nan, and
+        # nan * 0 is still nan. Every rank still joins the all-reduce (and draws the step's tangents, which
+        # keeps the ranks' generators in step).
+        empty = self.rows == 0
+        if isinstance(self.estimator, DirectionalEstimator):
+            return self._directional(loss_fn, params, empty)
+        p, single = as_param_dict(params)
+        if empty:
+            g = {name: torch.zeros_like(t) for name, t in p.items()}
+            loss = torch.zeros((), dtype=next(iter(p.values())).dtype, device=next(iter(p.values())).device)
+        else:
+            loss, grads = self.estimator(loss_fn, params)
+            g = as_param_dict(grads)[0]
         names = list(g)
-        flat = torch.cat([loss.reshape(1).to(g[names[0]].dtype)] + [g[n].reshape(-1) for n in names]) * w
+        flat = torch.cat([loss.reshape(1).to(g[names[0]].dtype)] + [g[n].reshape(-1) for n in names]) * self.weight
         flat = self._all_reduce(flat)
         out, offset = {}, 1
         for n in names:
             out[n] = flat[offset: offset + g[n].numel()].view_as(g[n])
             offset += g[n].numel()
         return flat[0].to(loss.dtype), from_param_dict(out, single)
+
+    def _directional(self, loss_fn: LossFn, params: Params, empty: bool) -> Tuple[Tensor, Params]:
+        """k + 1 scalars all-reduced: the weighted local loss and directional derivatives."""
+        est = self.estimator
+        p, single = as_param_dict(params)
+        p = {name: t.detach() for name, t in p.items()}
+        # The estimator's own draw, as in its __call__ (rank-one factors, regenerated tangents, reused
+        # buffers): identical on every rank, since the ranks share the seed and the call sequence.
+        draw = est.draw(p)
+        if empty:
+            k = _num_tangents(next(iter(draw.tangents.values())))
+            packed = torch.zeros(k + 1, dtype=torch.float64, device=next(iter(p.values())).device)
+            loss_dtype = d_dtype = next(iter(p.values())).dtype
+        else:
+            loss, d = est.directional_derivatives(loss_fn, p, draw.tangents, single)
+            packed = torch.cat([loss.reshape(1), d]).to(torch.float64) * self.weight
+            loss_dtype, d_dtype = loss.dtype, d.dtype
+        packed = self._all_reduce(packed)
+        loss, d = packed[0].to(loss_dtype), packed[1:].to(d_dtype)
+        return loss, from_param_dict(est.estimate(draw, d), single)
+
+
+def _num_tangents(tangent: Any) -> int:
+    """k of one parameter's tangent: a ``(k, *shape)`` tensor, or a RankOne / Regenerated with ``.k``."""
+    return int(tangent.shape[0]) if isinstance(tangent, Tensor) else int(tangent.k)

@@ -9,9 +9,12 @@
     │   ├── DatasetError              a dataset cannot be loaded
     │   │   ├── DatasetNotFoundError  its files are missing and could not be downloaded
     │   │   └── CorruptDatasetError   a file exists but cannot be decoded (the message names it)
-    │   └── RunDirError               a directory given to ``compare.py`` holds no readable run
+    │   └── RunDirError               a run directory cannot be used: one given to ``compare.py`` holds no
+    │                                 readable run, or a new run's already holds an earlier run's files
     ├── RunError           (exit 1)   the run started and then failed; what it finished is kept
-    │   └── WorkerLostError           a data-parallel worker died or stopped answering
+    │   ├── WorkerLostError           a data-parallel worker died or stopped answering
+    │   └── Interrupted  (128 + signal number: 130 for SIGINT, 143 for SIGTERM)
+    │                                 SIGINT/SIGTERM stopped the run at a step boundary; its files say so
     └── Unsupported                   the fast forward-mode engine has no rule for an op (the estimator falls
                                       back to ``torch.func``, visibly, or raises ConfigError with backend=fast)
 
@@ -30,6 +33,7 @@ __all__ = [
     "RunDirError",
     "RunError",
     "WorkerLostError",
+    "Interrupted",
     "Unsupported",
 ]
 
@@ -64,7 +68,8 @@ class CorruptDatasetError(DatasetError):
 
 
 class RunDirError(UserError):
-    """A directory given for comparison holds no readable run."""
+    """A run directory cannot be used: one given for comparison holds no readable run, or the directory of a new
+    run already holds an earlier run's files."""
 
 
 class RunError(FwdgradError, RuntimeError):
@@ -75,6 +80,22 @@ class RunError(FwdgradError, RuntimeError):
 
 class WorkerLostError(RunError):
     """A collective failed or timed out: another data-parallel worker died or stopped answering."""
+
+
+class Interrupted(RunError):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after it wrote what it had done.
+
+    The exit status is the shell's convention for a process ended by a signal, ``128 + signal number``, so that
+    a job scheduler or a shell loop sees the run as interrupted (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+    def __reduce__(self):  # pickled with its signal (the default would call __init__ with the message only)
+        return type(self), (str(self), self.signum)
 
 
 class Unsupported(FwdgradError, RuntimeError):

@@ -35,9 +35,11 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from fwdgrad.config import build, build_optimizer, build_scheduler, threads
+from fwdgrad.config import build, build_optimizer, build_scheduler, check_learning_rate, threads
 from fwdgrad.errors import ConfigError, RunError
-from fwdgrad.estimators import GradientEstimator
+from fwdgrad.estimators import GradientEstimator, check_seed
+from fwdgrad.rundir import claim_output_dir
+from fwdgrad.schema import GlobalOptimConfig, validate_config
 from fwdgrad.functions import TestFunction
 
 __all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run", "run_global_optim"]
@@ -241,13 +243,11 @@ def _check_config(cfg: DictConfig) -> Tuple[int, int]:
     missing = [k for k in ("function", "gradient", "optimization", "iterations") if k not in cfg]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}; compose configs/global_optim.yaml.")
+    validate_config(cfg, GlobalOptimConfig, "global_optim.py")
     iterations = _positive_int(cfg, "iterations")
     log_every = _positive_int(cfg, "log_every") if "log_every" in cfg else 10
-    lr = cfg.optimization.get("learning_rate")
-    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0
-                           or not math.isfinite(lr)):
-        raise ConfigError(f"`optimization.learning_rate` must be a finite number > 0, got {lr!r}; e.g. "
-                          "optimization.learning_rate=0.01.")
+    check_learning_rate(cfg.optimization.get("learning_rate"))
+    check_seed(cfg.get("seed", 0))
     return iterations, log_every
 
 
@@ -271,7 +271,7 @@ def _unique(labels: Sequence[str], roles: Sequence[str]) -> List[str]:
     return [f"{lab}_{role}" if labels.count(lab) > 1 else lab for lab, role in zip(labels, roles)]
 
 
-def _output_dir(output_dir: Union[str, Path, None]) -> Path:
+def _output_dir(output_dir: Union[str, Path, None], overwrite: bool) -> Path:
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
@@ -280,8 +280,18 @@ def _output_dir(output_dir: Union[str, Path, None]) -> Path:
                               "(Hydra sets its run directory).")
         output_dir = HydraConfig.get().runtime.output_dir
     out = Path(output_dir)
+    claim_output_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _preflight(cfg: DictConfig, roles: Sequence[str], function: TestFunction, start: Tensor) -> None:
+    """One step of each estimator, built afresh from its config, at a copy of the start, before anything is
+    written: what only a call can find out (projection with more tangents than dimensions, a distribution that
+    does not fit the parameters, an op the fast engine lacks with backend=fast) fails here as a ConfigError.
+    The estimators that run are untouched, so their random streams start where they should."""
+    for role in roles:
+        build(cfg[role], role, expected=GradientEstimator)(function, start.clone())
 
 
 def _table(function: TestFunction, results: Sequence[OptimResult]) -> str:
@@ -337,8 +347,9 @@ def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str
     estimators = [build(cfg[role], role, expected=GradientEstimator) for role in roles]
     start = function.start_point(torch.float64)
     make_optimizer, make_scheduler = _factories(cfg, start, iterations)
+    _preflight(cfg, roles, function, start)
     labels = _unique([estimator_label(e) for e in estimators], roles)
-    out = _output_dir(output_dir)
+    out = _output_dir(output_dir, bool(cfg.get("overwrite", False)))
     record_path = function.dim == 2
 
     log.info("minimising %s (dim %d) from %s for %d steps; estimators: %s", type(function).__name__,

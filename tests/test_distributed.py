@@ -22,6 +22,7 @@ from fwdgrad.distributed import DataParallelEstimator, WorkerLostError, launch_w
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import backends
 from fwdgrad.functional import cross_entropy
+from mnist_helpers import read_history
 
 STEPS, BATCH = 5, 24
 
@@ -139,7 +140,9 @@ def _compose(name: str, *overrides: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        # 129 = 2 * 64 + 1 training rows: every third batch has one row, so rank 1's shard of it is empty (issue 15)
         return compose(name, overrides=["dataset=digits", "model=mlp", "model.hidden_sizes=[32]", "progress_bar=false",
+                                        "dataset.limit_train=129", "dataset.limit_test=100",
                                         "optimization.max_steps=12", "log_every=4", *overrides])
 
 
@@ -162,3 +165,8 @@ def test_training_loop_two_workers_equal_one(name, extra, k, tmp_path):
     history = (tmp_path / "two" / "history.csv").read_text().splitlines()
     assert "comm/bytes_allreduced" in history[0]
     assert str(m2["allreduce_bytes_per_step"]) in history[1] + history[2]
+    # the history equals one process's: train loss and the window's batch accuracy are over the whole batch
+    rows = [read_history(tmp_path / d)[1] for d in ("one", "two")]
+    for column in ("step", "train/loss", "train/accuracy", "test/loss", "test/accuracy"):
+        a, b = ([float(r[column]) for r in rs if r[column]] for rs in rows)
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), column

@@ -168,7 +168,7 @@ def test_default_config_converges_for_five_seeds(name, minimum, tmp_path):
 
 def test_only_the_forward_gradient_depends_on_the_seed(tmp_path):
     runs = [run_global_optim(compose_cfg("function=rosenbrock", "iterations=200", f"seed={seed}"),
-                             output_dir=tmp_path / str(seed))["estimators"] for seed in (0, 1, 0)]
+                             output_dir=tmp_path / f"{i}_{seed}")["estimators"] for i, seed in enumerate((0, 1, 0))]
     assert runs[0]["backprop"]["final_point"] == runs[1]["backprop"]["final_point"]
     fwd = [r["forward_gradient_k1_mean_normal"]["final_point"] for r in runs]
     assert fwd[0] != fwd[1] and fwd[0] == fwd[2]  # other tangents for another seed; the same for the same

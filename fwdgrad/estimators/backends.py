@@ -68,8 +68,27 @@ def fast_derivatives(
 def func_derivatives(
     f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int
 ) -> Tuple[Tensor, Tensor]:
-    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised."""
+    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised.
+
+    The loss sees copies of ``params``, and a write into them is an error: through jvp's wrappers an in-place op
+    on an input also scales the *tangent* tensor in place, so the derivatives would be wrong, and without the
+    copies the caller's tensors would be changed too. (The fast engine refuses in-place ops on tangent-carrying
+    tensors before they run, and falls back to this path.)
+    """
     dense = {name: dense_tangent(t) for name, t in tangents.items()}
+    params = {name: t.clone() for name, t in params.items()}
+    versions = [t._version for t in params.values()]
+    loss, d = _func_jvp(f, params, dense, k)
+    if any(t._version != v for t, v in zip(params.values(), versions)):
+        raise ConfigError(
+            "loss_fn modifies the parameters it was given in place (e.g. p.mul_(2) or p[0] = 0): forward-mode "
+            "differentiation through an in-place write into its inputs gives wrong derivatives, so no estimate is "
+            "returned. The caller's tensors are unchanged. Use out-of-place operations (p * 2) on the parameters."
+        )
+    return loss, d
+
+
+def _func_jvp(f: DictLoss, params: Dict[str, Tensor], dense: Dict[str, Tensor], k: int) -> Tuple[Tensor, Tensor]:
     if k == 1:
         loss, d = jvp(f, (params,), ({n: v[0] for n, v in dense.items()},))
         check_scalar_loss(loss)

@@ -3,17 +3,28 @@
 Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` where ``loss_fn`` maps the parameters
 (a ``dict[str, Tensor]`` or a single ``Tensor``) to a scalar loss and ``grads`` has the structure of
 ``params``. The training loops never know which estimator they are driving.
+
+Every estimator's ``__call__`` is wrapped once, when its class is defined (:meth:`GradientEstimator.__init_subclass__`),
+with the input checks that no estimator should have to repeat: ``params`` must be a non-empty tensor or dict of
+floating-point tensors (an empty dict has nothing to differentiate; an integer tensor has no gradient, and a
+rademacher forward gradient of it would come out as integers), and ``loss_fn`` must leave the caller's tensors as
+they were (each call of it is followed by a look at the tensors' version counters, which every in-place write
+increments).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Dict, Mapping, Protocol, Tuple, Union, runtime_checkable
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from fwdgrad.errors import ConfigError
 
 __all__ = [
     "Params",
@@ -24,7 +35,9 @@ __all__ = [
     "estimate_module_grads",
     "as_param_dict",
     "from_param_dict",
+    "check_params",
     "check_scalar_loss",
+    "check_seed",
     "flatten",
     "total_numel",
     "cosine_similarity",
@@ -60,6 +73,59 @@ def check_scalar_loss(loss: Any) -> None:
         )
 
 
+def check_params(params: Params) -> List[Tensor]:
+    """The tensors of ``params``; raises :class:`~fwdgrad.errors.ConfigError` unless they are a non-empty set of
+    floating-point tensors (``TypeError`` for something that is not a tensor or a dict)."""
+    p, _ = as_param_dict(params)
+    if not p:
+        raise ConfigError("params is an empty dict: there is nothing to differentiate. Pass a tensor or a dict "
+                          "with at least one tensor (for a model: are all its parameters requires_grad=False?).")
+    for name, t in p.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"params[{name!r}] is a {type(t).__name__}, not a Tensor.")
+        if not (t.is_floating_point() or t.is_complex()):
+            where = "params" if name == "" else f"params[{name!r}]"
+            raise ConfigError(f"{where} has dtype {t.dtype}: a gradient needs floating-point parameters (an "
+                              "integer tensor has no derivative, and an estimate of it would be rounded to "
+                              "integers). Convert it first, e.g. x.float() or x.double().")
+    return list(p.values())
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int, if it is an integer in ``[0, 2**63)`` (torch generators take 64-bit seeds, and seeded
+    chunks add their index to it); else :class:`~fwdgrad.errors.ConfigError` naming ``what``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ConfigError(f"{what} must be an integer in [0, 2**63), got {seed!r}; e.g. {what}=0.")
+    return int(seed)
+
+
+def _guard_against_in_place(loss_fn: LossFn, tensors: List[Tensor]) -> LossFn:
+    """``loss_fn``, raising :class:`ConfigError` if a call of it wrote into one of ``tensors`` (the caller's)."""
+
+    def guarded(p: Params) -> Tensor:
+        before = [t._version for t in tensors]
+        loss = loss_fn(p)
+        if any(t._version != v for t, v in zip(tensors, before)):
+            raise ConfigError(
+                "loss_fn modified the parameters it was given in place (e.g. p.mul_(2), p[0] = 0, or an "
+                "in-place layer on a parameter); the caller's tensors were changed by it. An estimator needs a "
+                "loss_fn without side effects: use out-of-place operations (p * 2) on the parameters."
+            )
+        return loss
+
+    return guarded
+
+
+def _with_param_checks(call: Callable[..., Tuple[Tensor, Params]]) -> Callable[..., Tuple[Tensor, Params]]:
+    @functools.wraps(call)
+    def checked(self: "GradientEstimator", loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+        tensors = check_params(params)
+        return call(self, _guard_against_in_place(loss_fn, tensors), params)
+
+    checked._checks_params = True  # type: ignore[attr-defined]
+    return checked
+
+
 def flatten(params: Params) -> Tensor:
     """The whole parameter vector: every tensor flattened and concatenated, in dict order."""
     return torch.cat([t.reshape(-1) for t in as_param_dict(params)[0].values()])
@@ -81,7 +147,18 @@ def cosine_similarity(a: Params, b: Params) -> float:
 
 # -- the interface ----------------------------------------------------------------------------------------------
 class GradientEstimator(ABC):
-    """Common interface: ``loss, grads = est(loss_fn, params)``."""
+    """Common interface: ``loss, grads = est(loss_fn, params)``.
+
+    A subclass's ``__call__`` is wrapped with the input checks of the module docstring (:func:`check_params`,
+    and a ``loss_fn`` that writes into the caller's tensors raises :class:`~fwdgrad.errors.ConfigError`); the
+    estimator's own code may still modify tensors in place between its calls of ``loss_fn``.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_checks_params", False):
+            cls.__call__ = _with_param_checks(call)  # type: ignore[method-assign]
 
     @abstractmethod
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
@@ -90,6 +167,17 @@ class GradientEstimator(ABC):
     def describe(self) -> Dict[str, object]:
         """Settings worth logging next to a run (estimator name and hyper-parameters)."""
         return {"estimator": type(self).__name__}
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """The state that makes the estimator's next estimates what they would have been (random generators),
+        for a checkpoint that ``resume=`` continues exactly; ``None`` (the default) means it cannot be saved,
+        and a run with it cannot be resumed. Stateless estimators return ``{}``."""
+        return None
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ConfigError(f"{type(self).__name__} keeps no state, but a checkpoint holds some for it.")
 
 
 @runtime_checkable
@@ -120,7 +208,17 @@ class Backprop(GradientEstimator):
         p, single = as_param_dict(params)
         with torch.enable_grad():
             leaves = {name: t.detach().requires_grad_(True) for name, t in p.items()}
-            loss = loss_fn(from_param_dict(leaves, single))
+            try:
+                loss = loss_fn(from_param_dict(leaves, single))
+            except RuntimeError as err:
+                if "in-place operation" not in str(err):
+                    raise
+                # autograd refuses an in-place write into a leaf that requires grad, before it happens
+                raise ConfigError(
+                    f"loss_fn modifies the parameters it was given in place ({err}); backprop cannot "
+                    "differentiate that, and the caller's tensors are unchanged. Use out-of-place operations "
+                    "(p * 2 instead of p.mul_(2)) on the parameters."
+                ) from None
             check_scalar_loss(loss)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         out = {
@@ -128,6 +226,9 @@ class Backprop(GradientEstimator):
             for name, g in zip(leaves.keys(), grads)
         }
         return loss.detach(), from_param_dict(out, single)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}  # exact: nothing random
 
 
 def estimate_module_grads(

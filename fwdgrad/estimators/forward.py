@@ -21,7 +21,14 @@ from fwdgrad.engine import Tangent
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.aggregation import AGGREGATIONS, AggregationInput, aggregate, combine, combine_tangent
 from fwdgrad.estimators.backends import BackendDispatch
-from fwdgrad.estimators.base import GradientEstimator, LossFn, Params, as_param_dict, from_param_dict
+from fwdgrad.estimators.base import (
+    GradientEstimator,
+    LossFn,
+    Params,
+    as_param_dict,
+    check_seed,
+    from_param_dict,
+)
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.rng import ChunkedRNG
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, TangentDraw
@@ -73,7 +80,7 @@ class ForwardGradient(GradientEstimator):
         self.num_tangents = num_tangents
         self.aggregation, self.rule = aggregation, AGGREGATIONS.lookup(aggregation)
         self.distribution, self.tangent_distribution = distribution, TANGENT_DISTRIBUTIONS.lookup(distribution)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.dispatch = BackendDispatch(backend)
         self.memory = TangentMemoryPolicy(num_tangents, regenerate_tangents, max_tangent_mib)
         self.rng = ChunkedRNG()
@@ -112,6 +119,19 @@ class ForwardGradient(GradientEstimator):
         if self.memory.max_tangent_mib != 256.0:
             out["max_tangent_mib"] = self.memory.max_tangent_mib
         return out
+
+    def state_dict(self) -> Dict[str, object]:
+        """What the next estimates depend on: the generators' states (the next tangents), the memory policy's
+        measurement (how the next pass is grouped, which changes the rounding) and a fallback to torch.func."""
+        return {"generators": {str(d): g.get_state() for d, g in self._generators.items()},
+                "bytes_per_tangent": self.memory.bytes_per_tangent,
+                "fallback_reason": self.dispatch.fallback_reason}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        for device, rng_state in dict(state["generators"]).items():  # type: ignore[call-overload]
+            self.generator(torch.device(device)).set_state(rng_state)
+        self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
+        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""

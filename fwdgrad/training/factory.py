@@ -18,11 +18,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from fwdgrad.config import build, build_optimizer, build_scheduler, optional_positive
+from fwdgrad.config import build, build_optimizer, build_scheduler, check_learning_rate, optional_positive
 from fwdgrad.data import Splits
 from fwdgrad.distributed import DataParallelEstimator
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import GradientEstimator
+from fwdgrad.estimators import GradientEstimator, check_seed
 
 __all__ = ["Components", "Settings", "build_components", "read_settings", "resolve_device"]
 
@@ -71,6 +71,7 @@ def _positive_int(value: Any, key: str) -> int:
 def read_settings(cfg: DictConfig) -> Settings:
     """Check and convert the scalar settings; raises :class:`ConfigError` naming the first bad key."""
     opt = cfg.optimization
+    check_learning_rate(opt.get("learning_rate"))
     tune = cfg.get("tune_malloc", "auto")
     if tune not in TUNE_MALLOC_CHOICES:
         raise ConfigError(f"tune_malloc must be auto, true or false, got {tune!r}.")
@@ -84,7 +85,7 @@ def read_settings(cfg: DictConfig) -> Settings:
         stop_loss_threshold=optional_positive(opt.stop_loss_threshold, "optimization.stop_loss_threshold"),
         log_every=_positive_int(cfg.log_every, "log_every"),
         eval_batch_size=_positive_int(cfg.eval_batch_size, "eval_batch_size"),
-        seed=int(cfg.seed),
+        seed=check_seed(cfg.seed),
         device=resolve_device(str(cfg.device)),
         progress_bar=bool(cfg.progress_bar),
         plot_misclassified=int(cfg.plot_misclassified),

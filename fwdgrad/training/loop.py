@@ -8,7 +8,9 @@ and :func:`fit` runs epochs of such steps. The hot loop never synchronises with 
 logging window (every ``log_every`` steps, and at the end of an epoch): the per-step losses are summed on the
 device and read there, which is also where a non-finite loss and ``stop_loss_threshold`` are detected. The test
 set is evaluated at the start and after every epoch (or the partial epoch a stop ends), when the checkpoint and
-the history are written too.
+the history are written too. Three stops end a run without that last evaluation and checkpoint
+(:attr:`StopReason.ended_early`), so that ``model.pt`` always holds a finished epoch: a non-finite loss, a stop
+signal (SIGINT/SIGTERM, honoured after the step it arrived in) and a lost data-parallel peer.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from fwdgrad.data import iterate_batches
+from fwdgrad.errors import ConfigError, WorkerLostError
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
 from fwdgrad.functional import cross_entropy
 from fwdgrad.training.factory import Components, Settings
 from fwdgrad.training.recorder import Recorder
+from fwdgrad.training.resume import Resume, checkpoint_extras
 from fwdgrad.training.run_files import StopReason
+from fwdgrad.training.signals import StopSignals
 
 __all__ = ["TrainState", "compute_gradients", "evaluate", "fit"]
 
@@ -88,6 +93,7 @@ class TrainState:
     test_accuracy: Optional[float] = None
     best_test_accuracy: Optional[float] = None
     predictions: Optional[Tensor] = None
+    checkpoint_step: Optional[int] = None  #: the step model.pt holds (None before the first epoch ended)
     stop: Optional[StopReason] = None
     stop_detail: str = ""
 
@@ -100,23 +106,30 @@ class TrainState:
         return time.perf_counter() - self.t_start
 
 
-def fit(parts: Components, settings: Settings, recorder: Recorder, cfg: DictConfig, progress: Any) -> TrainState:
+def fit(parts: Components, settings: Settings, recorder: Recorder, cfg: DictConfig, progress: Any,
+        signals: Optional[StopSignals] = None, resume: Optional[Resume] = None) -> TrainState:
     """Train until every epoch ran or a stopping rule fired; return the final state (``state.stop`` is set).
 
-    ``progress`` is a tqdm-like bar (``update``, ``set_postfix``); ``cfg`` goes into every checkpoint.
+    ``progress`` is a tqdm-like bar (``update``, ``set_postfix``); ``cfg`` goes into every checkpoint; a signal
+    that ``signals`` received stops the run after the step it interrupted (:mod:`fwdgrad.training.signals`);
+    ``resume`` continues from a checkpoint whose weights and states were loaded into ``parts`` already
+    (:mod:`fwdgrad.training.resume`).
     """
     state = TrainState(device=settings.device)
-    _evaluate(state, parts, settings, recorder, epoch=0.0)  # the curves start at the initialisation
     data_order = torch.Generator().manual_seed(settings.seed)
-    for epoch in range(settings.epochs):
-        trained_last_batch = _train_epoch(state, parts, settings, recorder, progress, data_order)
+    if resume is not None:
+        _resume_state(state, parts, resume, data_order)
+    # the curves start at the initialisation (or at the checkpoint, whose row this joins)
+    _evaluate(state, parts, settings, recorder, epoch=state.step / parts.steps_per_epoch)
+    for epoch in range(state.epochs_completed, settings.epochs):
+        trained_last_batch = _train_epoch(state, parts, settings, recorder, progress, data_order, signals)
         if state.epoch_n:
             state.final_train_loss = state.epoch_loss_sum / state.epoch_n
-        if state.stop is StopReason.NON_FINITE_LOSS:
-            break  # no evaluation or checkpoint of diverged weights: model.pt stays the last finished epoch's
+        if state.stop is not None and state.stop.ended_early:
+            break  # no evaluation or checkpoint of a partial epoch: model.pt stays the last finished epoch's
         if trained_last_batch:
             state.epochs_completed += 1
-        _end_epoch(state, parts, settings, recorder, cfg, epoch)
+        _end_epoch(state, parts, settings, recorder, cfg, epoch, data_order)
         if state.stop is not None:
             break
     if state.stop is None:
@@ -125,11 +138,24 @@ def fit(parts: Components, settings: Settings, recorder: Recorder, cfg: DictConf
     return state
 
 
+def _resume_state(state: TrainState, parts: Components, resume: Resume, data_order: torch.Generator) -> None:
+    """Where the resumed run stands: the checkpoint's counters and the data order of its next epoch."""
+    if resume.step != resume.epochs_completed * parts.steps_per_epoch:
+        raise ConfigError(f"resume={resume.run_dir}: its checkpoint is at step {resume.step} after "
+                          f"{resume.epochs_completed} epochs, which does not match {parts.steps_per_epoch} steps per "
+                          "epoch here; the data or the batch size differ from that run's.")
+    state.step = state.checkpoint_step = resume.step
+    state.epochs_completed = resume.epochs_completed
+    state.best_test_accuracy = resume.extras["best_test_accuracy"]
+    state.final_train_loss = resume.extras["final_train_loss"]
+    data_order.set_state(resume.extras["data_order"])
+
+
 def _train_epoch(state: TrainState, parts: Components, settings: Settings, recorder: Recorder,
-                 progress: Any, data_order: torch.Generator) -> bool:
+                 progress: Any, data_order: torch.Generator, signals: Optional[StopSignals]) -> bool:
     """One pass over the training set, closing a logging window every ``log_every`` steps; stops early when a
-    window's loss triggers a stopping rule or the run's last step is taken (``state.stop`` says which).
-    Returns whether the epoch's last batch was trained on."""
+    window's loss triggers a stopping rule, the run's last step is taken, a stop signal arrives or a
+    data-parallel peer is lost (``state.stop`` says which). Returns whether the epoch's last batch was trained on."""
     parts.model.train()
     state.epoch_loss_sum, state.epoch_n = 0.0, 0
     state.open_window()
@@ -140,12 +166,16 @@ def _train_epoch(state: TrainState, parts: Components, settings: Settings, recor
         last_in_epoch = i == parts.steps_per_epoch - 1
         closes_window = ((state.step + 1) % settings.log_every == 0 or last_in_epoch
                          or state.step + 1 == parts.total_steps)
-        if closes_window:
-            # train/accuracy: this batch's accuracy at the parameters the step's loss is taken at (one extra
-            # forward pass per window; estimators return the loss, not the logits).
-            with torch.no_grad():
-                state.batch_accuracy = (parts.model(x).argmax(dim=1) == y).float().mean()
-        state.window_loss += _step(parts, x, y, settings.clip_grad_norm)
+        try:
+            if closes_window:
+                # train/accuracy: this batch's accuracy at the parameters the step's loss is taken at (one extra
+                # forward pass per window; estimators return the loss, not the logits).
+                with torch.no_grad():
+                    state.batch_accuracy = _batch_accuracy(parts, parts.model(x), y)
+            state.window_loss += _step(parts, x, y, settings.clip_grad_norm)
+        except WorkerLostError as err:
+            _stop(state, StopReason.WORKER_LOST, f"{_one_line(err)} {_kept(state)}")
+            return False
         state.step += 1
         state.window_n += 1
         progress.update(1)
@@ -154,7 +184,67 @@ def _train_epoch(state: TrainState, parts: Components, settings: Settings, recor
             if state.stop is not None:
                 return last_in_epoch
             state.open_window()
+        if _interrupted(state, parts, settings, recorder, progress, signals, closes_window):
+            return False
     return True
+
+
+def _batch_accuracy(parts: Components, logits: Tensor, y: Tensor) -> Tensor:
+    """Accuracy of ``logits`` on ``y``; in a data-parallel run over the whole batch (all ranks' rows), as in a
+    single process."""
+    correct = (logits.argmax(dim=1) == y).sum()
+    if parts.world_size == 1:
+        return correct.float() / y.shape[0]
+    counts = parts.estimator.sum_over_ranks(torch.stack([correct, torch.tensor(y.shape[0], device=y.device)]))
+    return counts[0].float() / counts[1]
+
+
+def _interrupted(state: TrainState, parts: Components, settings: Settings, recorder: Recorder, progress: Any,
+                 signals: Optional[StopSignals], window_closed: bool) -> bool:
+    """Whether a stop signal ends the run after this step (then ``state.stop`` is set).
+
+    A single process stops after the step the signal arrived in, logging the open window first. Data-parallel
+    ranks must stop at the same step, so they agree at the end of each logging window (one all-reduce of a flag:
+    stop if any rank received a signal).
+    """
+    if signals is None:
+        return False
+    received = signals.received is not None
+    if parts.world_size > 1:
+        if not window_closed:
+            return False
+        try:
+            received = parts.estimator.any_rank(received)
+        except WorkerLostError as err:
+            _stop(state, StopReason.WORKER_LOST, f"{_one_line(err)} {_kept(state)}")
+            return True
+    if not received:
+        return False
+    if state.window_n:
+        state.stop = _close_window(state, parts, settings, recorder, progress)
+        if state.stop is not None and state.stop.ended_early:
+            return True  # the open window's loss was not finite: that is the news
+    by = signals.name or "a signal to another data-parallel worker"
+    _stop(state, StopReason.INTERRUPTED, f"interrupted by {by} after step {state.step} of {parts.total_steps} "
+          f"(epoch {math.ceil(state.step / parts.steps_per_epoch)} of {settings.epochs}). {_kept(state)}")
+    return True
+
+
+def _stop(state: TrainState, reason: StopReason, detail: str) -> None:
+    state.stop, state.stop_detail = reason, detail
+
+
+def _kept(state: TrainState) -> str:
+    """What an early stop keeps (no evaluation or checkpoint of the partial epoch is made)."""
+    if state.checkpoint_step is None:
+        return ("No epoch had finished: there is no model.pt, and the held-out metrics are those of the "
+                "initialisation.")
+    return (f"model.pt and the held-out metrics are those of step {state.checkpoint_step}, the end of the last "
+            f"finished epoch ({state.epochs_completed}); history.csv has every logged step.")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _step(parts: Components, x: Tensor, y: Tensor, clip: Optional[float]) -> Tensor:
@@ -225,11 +315,14 @@ def _evaluate(state: TrainState, parts: Components, settings: Settings, recorder
 
 
 def _end_epoch(state: TrainState, parts: Components, settings: Settings, recorder: Recorder, cfg: DictConfig,
-               epoch: int) -> None:
+               epoch: int, data_order: torch.Generator) -> None:
     """After an epoch (or the part of one a stop ended): evaluate, log, checkpoint, write the history."""
     _evaluate(state, parts, settings, recorder, epoch=state.step / parts.steps_per_epoch)
     train_loss = state.final_train_loss if state.final_train_loss is not None else float("nan")
     log.info("epoch %d/%d  step %d  train loss %.4f  test loss %.4f  test acc %.4f", epoch + 1, settings.epochs,
              state.step, train_loss, state.test_loss, state.test_accuracy)
-    recorder.save_checkpoint(parts.model, cfg, state.step, state.epochs_completed)
+    at_epoch_end = state.step == state.epochs_completed * parts.steps_per_epoch
+    extras = checkpoint_extras(parts, data_order, state.best_test_accuracy, state.final_train_loss, at_epoch_end)
+    recorder.save_checkpoint(parts.model, cfg, state.step, state.epochs_completed, extras)
+    state.checkpoint_step = state.step
     recorder.flush()

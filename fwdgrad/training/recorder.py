@@ -9,6 +9,9 @@ import csv
 import io
 import json
 import os
+import socket
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -16,7 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fwdgrad.training.run_files import CHECKPOINT_FILE, HISTORY_COLUMNS, HISTORY_FILE, METRICS_FILE, TB_DIR
+from fwdgrad.training.run_files import (
+    CHECKPOINT_FILE,
+    HISTORY_COLUMNS,
+    HISTORY_FILE,
+    METRICS_FILE,
+    RUN_STATUS_FILE,
+    TB_DIR,
+)
 
 __all__ = ["Recorder", "atomic_write"]
 
@@ -30,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
 
 
 class Recorder:
-    """TensorBoard scalars, ``history.csv``, ``metrics.json`` and ``model.pt`` of one run.
+    """TensorBoard scalars, ``history.csv``, ``metrics.json``, ``model.pt`` and ``run.json`` of one run.
 
     ``enabled=False`` makes every method a no-op (for the non-zero ranks of a data-parallel run, where only
     rank 0 writes). :attr:`rows` holds the logged points (the history), e.g. for plotting.
@@ -41,6 +51,7 @@ class Recorder:
         self.enabled = enabled
         self.rows: List[Dict[str, Any]] = []
         self._writer = None
+        self._status: Optional[Dict[str, Any]] = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -81,8 +92,16 @@ class Recorder:
         atomic_write(self.output_dir / HISTORY_FILE, write)
         self._writer.flush()
 
-    def save_checkpoint(self, model: nn.Module, cfg: DictConfig, step: int, epoch: int) -> None:
-        """``model.pt``: the model's ``state_dict`` with the resolved config, step and finished epochs."""
+    def preload(self, rows: List[Dict[str, Any]]) -> None:
+        """Start the history with ``rows`` (a resumed run's earlier points), TensorBoard scalars included."""
+        for row in rows:
+            values = {k: v for k, v in row.items() if k not in ("step", "epoch", "wall_time_s")}
+            self.log(int(row["step"]), row.get("epoch", 0.0), row.get("wall_time_s", 0.0), values)
+
+    def save_checkpoint(self, model: nn.Module, cfg: DictConfig, step: int, epoch: int,
+                        extras: Optional[Mapping[str, Any]] = None) -> None:
+        """``model.pt``: the model's ``state_dict`` with the resolved config, step and finished epochs, and
+        ``extras`` under ``"resume"`` (what :mod:`fwdgrad.training.resume` needs to continue from here)."""
         if not self.enabled:
             return
         path = self.output_dir / CHECKPOINT_FILE
@@ -94,10 +113,22 @@ class Recorder:
                 "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "step": step,
                 "epoch": epoch,
+                "resume": dict(extras) if extras is not None else None,
             },
             tmp,
         )
         os.replace(tmp, path)
+
+    def write_status(self, status: str, detail: str = "", **info: Any) -> None:
+        """``run.json``: ``status`` (``running``, a stop reason, or ``failed``) and ``detail``, with the process
+        (pid, host, command line), when it started and when the status last changed; ``info`` is added."""
+        if not self.enabled:
+            return
+        now = datetime.now().isoformat(timespec="seconds")
+        if self._status is None:
+            self._status = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv, "started": now}
+        self._status.update(info, status=status, detail=detail, updated=now)
+        atomic_write(self.output_dir / RUN_STATUS_FILE, lambda f: json.dump(self._status, f, indent=2))
 
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
         """``metrics.json`` (callers pass ``None`` for a value that is not finite, so the file is strict JSON)."""

@@ -5,11 +5,18 @@ The training loop writes these (:mod:`fwdgrad.training.recorder`), ``compare.py`
 
     <run>/.hydra/config.yaml   the composed config (written by Hydra)
     <run>/<job>.log            the log (written by Hydra's logging)
-    <run>/metrics.json         METRIC_KEYS (and a few more), written once, when training ends: a directory holds
-                               a finished run exactly when it holds this file
+    <run>/run.json             the run's status: written when training starts ("running", with the pid and host)
+                               and rewritten when it ends (the stop reason, or "failed" with the error); a
+                               directory with this file and no metrics.json holds an unfinished run (killed, or
+                               still running)
+    <run>/metrics.json         METRIC_KEYS (and a few more), written once, when training ends, also when it ends
+                               early (``stopped`` says why): a directory holds an ended run exactly when it holds
+                               this file
     <run>/history.csv          HISTORY_COLUMNS, one row per logged point, empty cells where nothing was measured
     <run>/tb/                  TensorBoard scalars TB_TAGS (the same names as the history columns)
-    <run>/model.pt             the model's state_dict, the resolved config, step and epoch (after every epoch)
+    <run>/model.pt             the checkpoint after every finished epoch: the model's state_dict, the resolved
+                               config, step and epoch, and what ``resume=<run>`` needs to continue from there
+                               (optimizer, scheduler, data-order and estimator random states)
     <run>/plots.png            loss/accuracy curves and misclassified held-out images
 """
 
@@ -26,6 +33,7 @@ __all__ = [
     "METRICS_FILE",
     "METRIC_KEYS",
     "PLOTS_FILE",
+    "RUN_STATUS_FILE",
     "STOP_REASONS",
     "StopReason",
     "TB_DIR",
@@ -36,6 +44,7 @@ METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "model.pt"
 PLOTS_FILE = "plots.png"
+RUN_STATUS_FILE = "run.json"
 TB_DIR = "tb"
 #: Relative to the run directory; Hydra writes it before the run starts.
 CONFIG_FILE = Path(".hydra") / "config.yaml"
@@ -63,6 +72,14 @@ class StopReason(str, enum.Enum):
     MAX_STEPS = "max_steps"  #: ``optimization.max_steps`` optimizer steps were taken before the last epoch ended
     LOSS_THRESHOLD = "loss_threshold"  #: a logging window's mean training loss fell below the threshold
     NON_FINITE_LOSS = "non_finite_loss"  #: a logging window's mean training loss was nan or inf
+    INTERRUPTED = "interrupted"  #: SIGINT or SIGTERM; the run stopped after the step it was taking
+    WORKER_LOST = "worker_lost"  #: a data-parallel peer died or stopped answering
+
+    @property
+    def ended_early(self) -> bool:
+        """A stop that left no evaluation or checkpoint of the partial epoch: ``model.pt`` and the held-out
+        metrics are those of the last finished epoch."""
+        return self in (StopReason.NON_FINITE_LOSS, StopReason.INTERRUPTED, StopReason.WORKER_LOST)
 
 
 #: Values of ``metrics.json["stopped"]``.
