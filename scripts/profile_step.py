@@ -8,6 +8,12 @@ launches, their *self* CPU time summed by op name (torch.profiler), the step's t
 of the step spent in Python (the step's CPU time minus the ATen ops' self time). The model is the benchmark's
 MLP 784-1024-1024-10 (scripts/bench.py) on random data, the step ``estimate_module_grads`` as bench.py times it.
 Used for docs/performance-scaling.md.
+
+``--spin-check`` instead measures, at ``--threads`` (use 2), the process CPU time (all threads) of: a chunked
+normal fill of the MLP's 1.86M tangent entries run serially and on the estimator's thread pool, a 1M-float
+``add_`` (one OpenMP parallel region), and the pool fill right after such a region. The OpenMP runtime's
+worker keeps spinning after a region (libgomp: ``GOMP_SPINCOUNT``/``OMP_WAIT_POLICY``), which shows as CPU
+time beyond the region's work; compare with ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 """
 
 from __future__ import annotations
@@ -89,6 +95,35 @@ def report(variant: str, batch: int, threads: int, steps: int, top: int) -> List
     return lines + [""]
 
 
+def spin_check(trials: int = 40) -> List[str]:
+    """Process CPU time (min and lower quartile over ``trials``) of the calls listed in the module docstring."""
+    from fwdgrad.estimators.rng import ChunkedRNG, run_serial
+    from fwdgrad.estimators.tangents import Normal
+
+    rng, op = ChunkedRNG(), Normal().fill_jobs
+    buf, big = torch.empty(1863690), torch.ones(1024, 1024)
+
+    def pool_fill() -> None:
+        rng.run(op(rng, buf, 0)[0])
+
+    def region_then_fill() -> None:
+        big.add_(1.0)
+        pool_fill()
+
+    calls = {"serial fill": lambda: run_serial(op(rng, buf, 0)[0]), "pool fill": pool_fill,
+             "add_ (1M floats)": lambda: big.add_(1.0), "add_ then pool fill": region_then_fill}
+    lines = ["| call | process CPU ms (min) | (lower quartile) |", "|---|---:|---:|"]
+    for name, fn in calls.items():
+        cpu = []
+        for _ in range(trials):
+            t = time.process_time()
+            fn()
+            cpu.append((time.process_time() - t) * 1e3)
+        cpu.sort()
+        lines.append(f"| {name} | {cpu[0]:.2f} | {cpu[trials // 4]:.2f} |")
+    return lines
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -97,10 +132,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=10, help="profiled steps per variant (averaged)")
     p.add_argument("--top", type=int, default=15, help="ops listed per variant")
     p.add_argument("--variants", default="normal:1,rank1:1,backprop")
+    p.add_argument("--spin-check", action="store_true", help="the OpenMP spin check (module docstring)")
     args = p.parse_args(argv)
 
     def go() -> int:
         torch.set_num_threads(args.threads)
+        if args.spin_check:
+            log.info("\n".join(spin_check()))
+            return 0
         out: List[str] = []
         for v in args.variants.split(","):
             out += report(v.strip(), args.batch, args.threads, args.steps, args.top)
