@@ -1,6 +1,6 @@
 """Benchmark: time per training step of forward gradients against backprop, measured side by side.
 
-    make bench                                     # = .venv/bin/python scripts/bench.py (about 6-9 min, 2 cores)
+    make bench                                     # = .venv/bin/python scripts/bench.py (about 8-12 min, 2 cores)
     .venv/bin/python scripts/bench.py --models mlp --batches 1024 --ks 1,16 --repeats 9
     .venv/bin/python scripts/bench.py --quick      # tiny models: checks the pipeline in seconds
     .venv/bin/python scripts/bench.py --threads 1 --clock thread --models mlp --batches 64,1024 --ks 1,16
