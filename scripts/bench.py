@@ -1,8 +1,13 @@
 """Benchmark: time per training step of forward gradients against backprop, measured side by side.
 
-    make bench                                     # = .venv/bin/python scripts/bench.py (about 6-9 min, 2 cores)
+    make bench                                     # = .venv/bin/python scripts/bench.py (about 8-12 min, 2 cores)
     .venv/bin/python scripts/bench.py --models mlp --batches 1024 --ks 1,16 --repeats 9
     .venv/bin/python scripts/bench.py --quick      # tiny models: checks the pipeline in seconds
+    .venv/bin/python scripts/bench.py --threads 1 --clock thread --models mlp --batches 64,1024 --ks 1,16
+
+The targets (MLP 784-1024-1024-10) must hold at torch's default thread count (all cores) and at one thread:
+after the main table, the targets' MLP rows run again at each ``--target-threads`` count (default ``1``; a
+count equal to the main run's is skipped), and ``bench.md`` checks every target at every thread count.
 
 What is timed: one *gradient step*, ``estimate_module_grads(estimator, model, cross_entropy, x)``, i.e. the loss,
 the gradient (exact or estimated: tangent drawing, forward-mode pass, aggregation) and writing ``p.grad``; the
@@ -105,6 +110,7 @@ class Result:
     rss_mib: float
     r_f: float = math.nan
     fg_over_bp: float = math.nan
+    threads: int = 0  # torch threads the row ran with
 
 
 def build_model(name: str, quick: bool) -> nn.Module:
@@ -263,6 +269,7 @@ def bench_group(
             median_ms=statistics.median(xs) * 1e3, min_ms=min(xs) * 1e3,
             q25_ms=_quantile(xs, 0.25) * 1e3, q75_ms=_quantile(xs, 0.75) * 1e3,
             samples=len(xs), inner=inner, peak_mib=peaks[v.label][0], rss_mib=peaks[v.label][1],
+            threads=torch.get_num_threads(),
         ))
     fwd = next(r for r in out if r.variant == "forward").median_ms
     bp = next(r for r in out if r.variant == "backprop").median_ms
@@ -471,20 +478,38 @@ TARGETS = [
 
 
 def targets_report(results: Sequence[Result]) -> List[str]:
+    """One line per target and thread count the results hold (the main run's, then ``--target-threads``)."""
     lines = []
-    for label, batch, variant, bound in TARGETS:
-        r = next((r for r in results if r.model == "mlp" and r.batch == batch and r.variant == variant), None)
-        if r is None:
-            continue
-        ok = "met" if r.fg_over_bp <= bound else "NOT met"
-        lines.append(f"- {label}: measured {r.fg_over_bp:.2f} ({ok})")
+    for threads in dict.fromkeys(r.threads for r in results):
+        for label, batch, variant, bound in TARGETS:
+            r = next((r for r in results if r.model == "mlp" and r.batch == batch and r.variant == variant
+                      and r.threads == threads), None)
+            if r is None:
+                continue
+            ok = "met" if r.fg_over_bp <= bound else "NOT met"
+            lines.append(f"- {label}, {threads} thread{'s' if threads > 1 else ''}: measured "
+                         f"{r.fg_over_bp:.2f} ({ok})")
     return lines
+
+
+def target_runs(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str],
+                batches: Sequence[int]) -> List[tuple[int, int, List[Variant]]]:
+    """``(threads, batch, variants)`` groups that repeat the targets' MLP rows at each ``--target-threads``
+    count other than the main run's (so that ``make bench`` checks the targets at all cores AND at one
+    thread). ``--quick`` uses its own batch, so that the pipeline is exercised."""
+    counts = [t for t in dict.fromkeys(_ints(args.target_threads, "target-threads", zero_ok=True))
+              if (t or torch.get_num_threads()) != torch.get_num_threads()] if args.target_threads else []
+    wanted = sorted({b for _, b, _, _ in TARGETS} & set(batches)) or (list(batches[:1]) if args.quick else [])
+    tks = [k for k in ks if k in (1, 16)] or list(ks[:1])
+    fg = [Variant("fg", d, k, "auto") for d in ("normal", "rank1") if d in dists for k in tks]
+    return [(t, b, [Variant("forward"), Variant("backprop"), *fg]) for t in counts for b in wanted]
 
 
 def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result], deep: Optional[Dict[str, object]],
                   quality: Sequence[Dict[str, object]], loop: Dict[str, object], mem_note: str,
                   args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    main = [r for r in results if r.threads == info["threads"]]
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(results[0]).keys()))
         w.writeheader()
@@ -511,8 +536,11 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
           "R_f = step / forward pass (the backprop row's R_f is the paper's R_b); fg / bp = step / backprop "
           f"step. Peak memory: {mem_note}.", "",
           "Summary: forward and backprop step times, then every forward-gradient step as a multiple of the "
-          "backprop step (fg / bp):", "", summary_table(results), "", "Full table:", "",
-          markdown_table(results), ""]
+          "backprop step (fg / bp):", "", summary_table(main), "", "Full table:", "",
+          markdown_table(main), ""]
+    for threads in dict.fromkeys(r.threads for r in results if r.threads != info["threads"]):
+        md += [f"The targets' rows again at {threads} thread{'s' if threads > 1 else ''} (`--target-threads`):", "",
+               markdown_table([r for r in results if r.threads == threads]), ""]
     tl = targets_report(results)
     if tl:
         md += ["Targets (MLP 784-1024-1024-10):", "", *tl, ""]
@@ -541,13 +569,13 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
 
 
 # -- main --------------------------------------------------------------------------------------------------
-def _ints(text: str, what: str) -> List[int]:
+def _ints(text: str, what: str, zero_ok: bool = False) -> List[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise BenchError(f"--{what} takes comma-separated integers (e.g. 1,4,16), got {text!r}.") from None
-    if any(v < 1 for v in vals):
-        raise BenchError(f"--{what} values must be >= 1, got {text!r}.")
+    if any(v < (0 if zero_ok else 1) for v in vals):
+        raise BenchError(f"--{what} values must be >= {0 if zero_ok else 1}, got {text!r}.")
     return vals
 
 
@@ -566,6 +594,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--group-budget-s", type=float, default=60.0,
                    help="stop adding rounds to a (model, batch) group after this long (at least 3 rounds)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--target-threads", default="1",
+                   help="comma-separated thread counts (0: torch's default) at which the targets' MLP rows "
+                        "are run again after the main table ('' for none; a count equal to --threads is "
+                        "skipped): the targets hold at all cores and at one thread")
     p.add_argument("--device", default="cpu")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
@@ -605,6 +637,9 @@ def run(args: argparse.Namespace) -> Path:
     if args.clock == "thread" and (torch.get_num_threads() != 1 or args.device != "cpu"):
         raise BenchError("--clock thread counts only the calling thread's CPU time: use it with --threads 1 on "
                          "the CPU (or use --clock wall).")
+    if args.clock == "thread" and any(t != 1 for t in _ints(args.target_threads, "target-threads", zero_ok=True)):
+        raise BenchError(f"--clock thread needs one thread, but --target-threads {args.target_threads!r} asks "
+                         "for other counts: pass --target-threads 1 (or '') with --clock thread.")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for but CUDA is not available; use --device cpu.")
@@ -629,6 +664,7 @@ def run(args: argparse.Namespace) -> Path:
                 log.info("  %-28s %9.2f ms  R_f %6.2f  fg/bp %5.2f  peak %7.1f MiB",
                          r.variant, r.median_ms, r.r_f, r.fg_over_bp, r.peak_mib)
             results += group
+    results += run_target_threads(args, ks, dists, batches, mem, device, rng)
     deep = None if args.no_deep else deep_mlp_memory(args, mem, device)
     if deep is not None:
         log.info("deep MLP: %s", deep)
@@ -640,6 +676,24 @@ def run(args: argparse.Namespace) -> Path:
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     write_outputs(out, info, results, deep, quality, loop, mem.note, args)
     log.info("wrote %s (%.0f s)", out, time.perf_counter() - t0)
+    return out
+
+
+def run_target_threads(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str], batches: Sequence[int],
+                       mem: PeakMemory, device: torch.device, rng: random.Random) -> List[Result]:
+    """The :func:`target_runs` groups, each at its thread count (the main count restored after)."""
+    main_threads, out = torch.get_num_threads(), []
+    for threads, batch, vs in target_runs(args, ks, dists, batches):
+        torch.set_num_threads(threads or main_threads)
+        log.info("mlp batch %d at %d thread(s), for the targets: %d configurations", batch,
+                 torch.get_num_threads(), len(vs))
+        try:
+            group = bench_group("mlp", batch, vs, args, mem, device, rng)
+        finally:
+            torch.set_num_threads(main_threads)
+        for r in group:
+            log.info("  %-28s %9.2f ms  fg/bp %5.2f", r.variant, r.median_ms, r.fg_over_bp)
+        out += group
     return out
 
 

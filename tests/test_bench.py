@@ -52,3 +52,41 @@ def test_bad_arguments_give_a_one_line_error_and_keep_results(tmp_path):
     proc = _run("--quick", "--out", str(kept))
     assert proc.returncode == 2 and "is not empty" in proc.stderr
     assert (kept / "bench.md").read_text() == "earlier results"
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fwdgrad_bench_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_targets_are_checked_at_every_thread_count():
+    bench = _bench_module()
+
+    def row(threads, variant, ratio, batch=1024):
+        return bench.Result("mlp", batch, variant, "normal", 1, "auto", 1.0, 1.0, 1.0, 1.0, 3, 1, 0.0, 0.0,
+                            fg_over_bp=ratio, threads=threads)
+
+    lines = bench.targets_report([row(2, "fg normal k=1", 1.10), row(1, "fg normal k=1", 1.20),
+                                  row(1, "fg rank1 k=1", 0.5, batch=64)])
+    assert lines == [
+        "- dense Gaussian k=1, batch 1024: fg/bp <= 1.15, 2 threads: measured 1.10 (met)",
+        "- dense Gaussian k=1, batch 1024: fg/bp <= 1.15, 1 thread: measured 1.20 (NOT met)",
+        "- structured k=1, batch 64: fg/bp <= 0.9, 1 thread: measured 0.50 (met)",
+    ]
+    # the default repeats the targets' rows at one thread (skipped when the main run has one thread already)
+    args = bench.parse_args([])
+    runs = bench.target_runs(args, [1, 4, 16], ["normal", "rademacher", "rank1"], [64, 256, 1024])
+    if bench.torch.get_num_threads() == 1:
+        assert runs == []
+    else:
+        assert [(t, b) for t, b, _ in runs] == [(1, 64), (1, 1024)]
+        assert [v.label for v in runs[0][2]] == ["forward", "backprop", "fg normal k=1", "fg normal k=16",
+                                                 "fg rank1 k=1", "fg rank1 k=16"]
+    assert bench.target_runs(bench.parse_args(["--target-threads", ""]), [1], ["normal"], [64]) == []
+    proc = _run("--quick", "--threads", "1", "--clock", "thread", "--target-threads", "0,1")
+    assert proc.returncode == 2 and "--clock thread needs one thread" in proc.stderr

@@ -59,6 +59,16 @@ _IN_PLACE_DUNDERS = frozenset(
 ) | {"__setitem__"}
 
 
+#: Queries of a tensor's metadata, never differentiable: run at once, without looking for tangents (the
+#: loss calls ``x.dim()`` or ``x.shape`` a few times a pass; the general path for an op without a rule costs
+#: several microseconds each). Method-wrappers of descriptors compare and hash by descriptor.
+_METADATA = frozenset(
+    [Tensor.dim, Tensor.size, Tensor.numel, Tensor.stride, Tensor.is_contiguous, Tensor.is_floating_point,
+     Tensor.is_complex, Tensor.element_size]
+    + [getattr(Tensor, a).__get__ for a in ("shape", "ndim", "dtype", "device", "requires_grad", "is_cuda", "layout")]
+)
+
+
 class TangentMode(TorchFunctionMode):
     """Route every torch call on tensors carrying tangents of one pass to its rule (module docstring)."""
 
@@ -67,6 +77,8 @@ class TangentMode(TorchFunctionMode):
         self.state = state
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in _METADATA:
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         state = self.state
         if not state.carries(args, kwargs):
