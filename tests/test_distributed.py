@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
+from fwdgrad import Backprop, ForwardGradient, ZerothOrder, estimate_module_grads
 from fwdgrad.distributed import DataParallelEstimator, WorkerLostError, launch_workers
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import backends
@@ -47,10 +47,12 @@ def _make_estimator(kind: str):
             "fg_regen": lambda: ForwardGradient(num_tangents=3, aggregation="projection", regenerate_tangents=True,
                                                 seed=3),
             "fg_k1": lambda: ForwardGradient(seed=3),
+            # finite differences: eps = 0.1 keeps float32 rounding / eps (shard vs full batch) below the tolerance
+            "zo": lambda: ZerothOrder(num_tangents=3, epsilon=0.1, seed=3),
             "bp": Backprop}[kind]()
 
 
-K = {"fg": 4, "fg_proj": 3, "fg_rank1": 4, "fg_regen": 3, "fg_k1": 1, "bp": None}
+K = {"fg": 4, "fg_proj": 3, "fg_rank1": 4, "fg_regen": 3, "fg_k1": 1, "zo": 3, "bp": None}
 
 
 def _train(kind: str) -> tuple[list[torch.Tensor], list[int], list[float]]:
@@ -144,7 +146,9 @@ def _compose(name: str, *overrides: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,extra,k", [("mnist_fwdgrad", ["gradient.num_tangents=4"], 4), ("mnist_backprop", [], None)])
+@pytest.mark.parametrize("name,extra,k", [("mnist_fwdgrad", ["gradient.num_tangents=4"], 4), ("mnist_backprop", [], None),
+                                          ("mnist_fwdgrad", ["gradient=zeroth_order", "gradient.num_tangents=2",
+                                                             "gradient.epsilon=0.1"], 2)])
 def test_training_loop_two_workers_equal_one(name, extra, k, tmp_path):
     from fwdgrad.training import train
 

@@ -117,6 +117,8 @@ class ChunkReader:
     def read(self, start: int, stop: int, out: Tensor) -> Tensor:
         """Write the block's entries ``[start, stop)`` into the contiguous 1-D ``out``; returns ``out``."""
         t, pos = self.tangent, start
+        if not 0 <= start <= stop <= t.block.size:
+            raise ValueError(f"entries [{start}, {stop}) are not within the block of {t.block.size} entries.")
         while pos < stop:
             c = pos // t.entries
             lo = c * t.entries

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Dict, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -221,21 +221,25 @@ class ZerothOrder(GradientEstimator):
             self._checked |= set(unseen)
 
 
-def check_unseen(f: DictLoss, params: Dict[str, Tensor], names: list, replay: SameRandomness, loss: Tensor) -> None:
+def check_unseen(f: DictLoss, params: Dict[str, Tensor], names: List[str], replay: SameRandomness,
+                 loss: Tensor) -> None:
     """Raise if a parameter no intercepted operation read still reaches the loss.
 
     A parameter the perturbation never saw is either unused (its gradient is 0, as the estimate then says) or
     read by something that bypasses torch's Python dispatch (a C++ extension, another thread), which would see
-    the unperturbed value: a silently wrong derivative. One pass with those parameters set to NaN tells them apart
+    the unperturbed value: a silently wrong derivative. A pass with such a parameter set to NaN tells them apart
     (a finite loss: unused). Skipped when the loss itself is not finite.
     """
     if not bool(torch.isfinite(loss)):
         return
-    replay.restore()
-    probe = f({n: (torch.full_like(t, math.nan) if n in names else t) for n, t in params.items()})
-    if not bool(torch.isfinite(probe)):
+    hidden = []
+    for name in names:  # one probe pass per unseen parameter, once per estimator
+        replay.restore()
+        if not bool(torch.isfinite(f({**params, name: torch.full_like(params[name], math.nan)}))):
+            hidden.append(name)
+    if hidden:
         raise ConfigError(
-            f"zeroth order: parameter(s) {', '.join(repr(n) for n in names)} reach the loss through an operation "
+            f"zeroth order: parameter(s) {', '.join(repr(n) for n in hidden)} reach the loss through an operation "
             "the perturbation cannot see (one that bypasses torch's Python dispatch, such as a C++ extension or "
             "work on another thread), so the finite differences would miss them. Use gradient=forward or "
             "gradient=backprop for this model."
