@@ -393,12 +393,13 @@ def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
 
 
 def _zeroth_order_factory(node: DictConfig | None) -> Callable[[int], ZerothOrder] | None:
-    """``k -> ZerothOrder`` from the config's ``zeroth_order`` node (None when the node is absent or null)."""
+    """``k -> ZerothOrder`` from the config's ``zeroth_order`` node (None when the node is absent or null); only
+    its directional derivatives are used, so it skips the pass for the exact loss."""
     if node is None:
         return None
 
     def make(num_tangents: int) -> ZerothOrder:
-        return build(node, "zeroth_order", expected=ZerothOrder, num_tangents=int(num_tangents))
+        return build(node, "zeroth_order", expected=ZerothOrder, num_tangents=int(num_tangents), exact_loss=False)
 
     return make
 

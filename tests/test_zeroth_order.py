@@ -21,10 +21,14 @@ import logging
 import math
 import threading
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from estimator_problems import DT, PROBLEMS, Z, flat, model_problem, true_grad
+from hydra.utils import instantiate
+from mnist_helpers import TINY, compose_cfg
 from torch import nn
 from torch.func import functional_call, jvp
 
@@ -35,6 +39,7 @@ from fwdgrad.estimators.perturbation import Perturbation, PerturbedPass
 from fwdgrad.estimators.rng import CHUNK, ChunkedRNG
 from fwdgrad.estimators.seeded_tangents import chunk_reads_exact, entries_per_random
 from fwdgrad.functional import cross_entropy
+from fwdgrad.training import train
 
 ROWS, COLS, BATCH = 29, 37, 5
 SMALL_CHUNK = 100  # entries: rows of 37 straddle chunk boundaries
@@ -318,8 +323,8 @@ def test_analysis_style_reuse_of_forward_gradient_tangents():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_every_dense_chunked_distribution_regenerates_chunk_by_chunk(name, dtype):
     dist = TANGENT_DISTRIBUTIONS[name]
-    assert chunk_reads_exact(dist, ChunkedRNG(3), dtype, torch.device("cpu"))
-    assert chunk_reads_exact(dist, ChunkedRNG(1000), dtype, torch.device("cpu"))
+    for chunk in (3, 64, 1000):
+        assert chunk_reads_exact(dist, dtype, torch.device("cpu"), chunk)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -503,3 +508,102 @@ def test_describe():
                  "aggregation": "mean", "distribution": "normal", "seed": 0}
     d = ZerothOrder(exact_loss=False, chunk_entries=1024).describe()
     assert d["exact_loss"] is False and d["chunk_entries"] == 1024
+
+
+# -- every script selects it: gradient=zeroth_order ------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["logreg", "mlp", "conv"])
+def test_one_short_epoch_of_every_model(model, tmp_path):
+    cfg = compose_cfg("mnist_fwdgrad", [*TINY, "gradient=zeroth_order", f"model={model}", "dataset.limit_train=96",
+                                        "dataset.limit_test=64", "dataset.batch_size=32", "log_every=2"])
+    torch.manual_seed(cfg.seed)
+    init = instantiate(cfg.model, input_shape=[1, 8, 8], num_classes=10, _convert_="all").state_dict()
+    m = train(cfg, tmp_path)
+    assert m["stopped"] == "completed" and m["steps"] == 3 and m["estimator"]["estimator"] == "ZerothOrder"
+    final = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(final[k], init[k]) for k in init)
+
+
+def test_mnist_loop_trains_like_the_forward_gradient_with_the_same_seed(tmp_path):
+    # Every tangent block of this MLP fits in one seeded chunk of either estimator, so the same seed draws the same
+    # tangents: the two runs differ only by the finite-difference error of each step's derivatives.
+    common = [*TINY, "model=mlp", "model.hidden_sizes=[32]", "optimization=adam", "optimization.learning_rate=1e-2",
+              "optimization/scheduler=constant", "optimization.epochs=2", "gradient.num_tangents=4", "log_every=10",
+              "threads=1"]
+    zo = train(compose_cfg("mnist_fwdgrad", [*common, "gradient=zeroth_order"]), tmp_path / "zo")
+    fg = train(compose_cfg("mnist_fwdgrad", [*common, "gradient=forward"]), tmp_path / "fg")
+    assert zo["final_train_loss"] < math.log(10) - 0.05  # below chance: it trains
+    assert abs(zo["final_train_loss"] - fg["final_train_loss"]) < 0.01
+    assert abs(zo["final_test_accuracy"] - fg["final_test_accuracy"]) <= 0.02
+
+
+def test_global_optim_runs_zeroth_order_beside_the_forward_gradient(tmp_path):
+    from fwdgrad.optimize import run_global_optim
+
+    cfg = compose_cfg("global_optim", ["function=rosenbrock", "iterations=300", "gradient=zeroth_order",
+                                       "gradient@baseline=forward"])
+    runs = run_global_optim(cfg, output_dir=tmp_path)["estimators"]
+    zo, fg = runs["zeroth_order_k1_0.001_central_mean_normal"], runs["forward_gradient_k1_mean_normal"]
+    assert not zo["diverged"] and zo["iterations_run"] == 300
+    # same seed, same tangents (2-D: one chunk): the same path up to the eps^2 bias of each step
+    assert max(abs(a - b) for a, b in zip(zo["final_point"], fg["final_point"])) < 1e-3
+
+
+@pytest.mark.slow
+def test_global_optim_default_config_converges_with_zeroth_order(tmp_path):
+    from fwdgrad.optimize import run_global_optim
+
+    runs = run_global_optim(compose_cfg("global_optim", ["function=beale", "gradient=zeroth_order", "baseline=null"]),
+                            output_dir=tmp_path)["estimators"]
+    (run,) = runs.values()
+    final = torch.tensor(run["final_point"], dtype=DT)
+    assert not run["diverged"] and float(torch.linalg.vector_norm(final - torch.tensor([3.0, 0.5], dtype=DT))) < 0.05
+
+
+def test_approx_quality_puts_zeroth_order_beside_the_forward_gradient(tmp_path):
+    from fwdgrad.analysis import run_approx_quality
+
+    cfg = compose_cfg("approx_quality", ["num_samples=5", "source.dims=[40]", "num_tangents=[1,8]"])
+    run_approx_quality(cfg, output_dir=tmp_path)
+    df = pd.read_csv(tmp_path / "approx_quality.csv")
+    for col in ("zo_cos_mean", "zo_cos_std", "zo_fg_cos_mean", "zo_fg_cos_min"):
+        assert df[col].notna().all(), col
+    # the linear loss has no truncation error: ZO and FG differ by float32 rounding of u |f| / eps per derivative
+    assert float(df["zo_fg_cos_min"].min()) > 1 - 1e-4
+    np.testing.assert_allclose(df["zo_cos_mean"], df["cos_mean"], atol=1e-3)
+    assert (tmp_path / "cosine_vs_k.png").stat().st_size > 10_000
+    off = compose_cfg("approx_quality", ["num_samples=3", "source.dims=[12]", "num_tangents=[1]",
+                                         "~gradient@zeroth_order"])
+    run_approx_quality(off, output_dir=tmp_path / "off")
+    assert "zo_cos_mean" not in pd.read_csv(tmp_path / "off" / "approx_quality.csv")
+
+
+# -- memory: about one no-grad forward pass -------------------------------------------------------------------------
+def test_passes_peak_within_ten_percent_of_a_no_grad_forward_pass():
+    # A scaled-down deep MLP (make bench checks 32 x 1024 at batch 2048): activations of 1 MiB, so the no-grad
+    # pass holds 2 MiB (a layer's input and output); the perturbation adds one row block of about chunk_entries.
+    from fwdgrad.memory import tensor_peak_mib
+    from fwdgrad.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP((256,), 10, [256] * 4)
+    x, y = torch.randn(1024, 256), torch.randint(0, 10, (1024,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    est = ZerothOrder(1, seed=0, chunk_entries=1 << 13)
+
+    def loss_fn(p):
+        return cross_entropy(functional_call(model, p, (x,)), y)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(params)
+
+    def passes():
+        draw = est.draw(params)
+        est.directional_derivatives(loss_fn, params, draw.tangents)
+
+    passes()  # first call: lazy initialisation
+    fwd, zo = tensor_peak_mib(forward), tensor_peak_mib(passes)
+    assert fwd == pytest.approx(2.0, rel=0.05) and zo <= 1.1 * fwd, (zo, fwd)
+    grad_mib = sum(p.numel() for p in params.values()) * 4 / 2**20
+    step = tensor_peak_mib(lambda: est(loss_fn, params))  # + the n-float gradient it returns
+    assert step <= 1.1 * max(fwd, grad_mib), (step, fwd, grad_mib)

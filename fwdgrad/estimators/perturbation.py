@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fwdgrad.engine import RankOne, Regenerated, Tangent
 from fwdgrad.estimators.seeded_tangents import ChunkedTangent, ChunkReader
@@ -147,15 +146,30 @@ class PerturbedPass(TorchFunctionMode):
             out = self._linear(args, kwargs)
             if out is not None:
                 return out
-        leaves, spec = tree_flatten((args, kwargs))
-        hits = [(j, p) for j, p in ((j, self._lookup(leaf)) for j, leaf in enumerate(leaves)) if p is not None]
-        if not hits:
+        new_args, new_kwargs = self._swap(args), self._swap(kwargs)
+        if new_args is None and new_kwargs is None:
             return func(*args, **kwargs)
-        for j, p in hits:
-            leaves[j] = p.materialise()
         self.materialised.add(getattr(func, "__name__", repr(func)))
-        args, kwargs = tree_unflatten(leaves, spec)
-        return func(*args, **kwargs)
+        return func(*(args if new_args is None else new_args), **(kwargs if new_kwargs is None else new_kwargs))
+
+    def _swap(self, obj: Any) -> Any:
+        """``obj`` with every parameter in it (also inside lists, tuples and dicts) replaced by its whole perturbed
+        copy, or None when it holds none (the common case, checked without copying anything)."""
+        if isinstance(obj, Tensor):
+            p = self._lookup(obj)
+            return None if p is None else p.materialise()
+        if isinstance(obj, (list, tuple)):
+            new = [self._swap(o) for o in obj]
+            if all(n is None for n in new):
+                return None
+            items = [o if n is None else n for o, n in zip(obj, new)]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples by field
+        if isinstance(obj, dict):
+            new_d = {key: self._swap(o) for key, o in obj.items()}
+            if all(n is None for n in new_d.values()):
+                return None
+            return {key: (obj[key] if n is None else n) for key, n in new_d.items()}
+        return None
 
     def _linear(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tensor]:
         """The row-block path of ``F.linear`` when its weight is a parameter it applies to, else None."""

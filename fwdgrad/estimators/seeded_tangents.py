@@ -162,13 +162,15 @@ def draw_chunked(
     return TangentDraw(tangents, n=total_numel(dict(params)))
 
 
-def chunk_reads_exact(dist: ChunkedDistribution, rng: ChunkedRNG, dtype: torch.dtype, device: torch.device) -> bool:
+def chunk_reads_exact(dist: ChunkedDistribution, dtype: torch.dtype, device: torch.device, chunk: int = 64) -> bool:
     """Whether ``dist``'s chunks read alone reproduce its whole-block fill (for ``dtype`` on ``device``).
 
     True for the built-in distributions (a test checks it); a distribution registered later might fill a chunk
     in a way that depends on its neighbours, which chunk-wise reads would then get wrong. Checked on a probe
-    block of 2.5 chunks, reading a range that starts and ends inside chunks.
+    block of 2.5 chunks of ``chunk`` random numbers (small: a few KiB), reading a range that starts and ends
+    inside chunks.
     """
+    rng = ChunkedRNG(chunk)
     e = rng.chunk * entries_per_random(dist, dtype)
     param = torch.empty(5 * e // 2 + 7, dtype=dtype, device=device)
     probe = ChunkedTangent(dist, rng, Block("probe", param, dist.block_size(1, param), 0), 0x5EED, 1)

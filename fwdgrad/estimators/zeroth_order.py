@@ -183,7 +183,7 @@ class ZerothOrder(GradientEstimator):
             return False
         for key in {(t.dtype, t.device) for t in params.values()}:
             if key not in self._chunkwise:
-                self._chunkwise[key] = chunk_reads_exact(dist, self.rng, *key)
+                self._chunkwise[key] = chunk_reads_exact(dist, *key)
                 if not self._chunkwise[key]:
                     log.warning("zeroth order: distribution %r cannot be regenerated chunk by chunk for %s on %s; "
                                 "its tangents are regenerated whole, one parameter at a time.", self.distribution,
