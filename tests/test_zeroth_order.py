@@ -510,6 +510,19 @@ def test_describe():
     assert d["exact_loss"] is False and d["chunk_entries"] == 1024
 
 
+
+@pytest.mark.parametrize("difference,passes", [("central", 2 * 3 + 1), ("forward", 3 + 1)])
+def test_config_selects_the_difference_and_its_pass_count(difference, passes):
+    # the real Hydra config: central costs 2k + 1 loss evaluations (with the exact loss), one-sided k + 1
+    cfg = compose_cfg("mnist_fwdgrad", ["gradient=zeroth_order", "gradient.num_tangents=3",
+                                        f"gradient.difference={difference}"])
+    est = instantiate(cfg.gradient)
+    assert isinstance(est, ZerothOrder) and est.difference == difference and est.chunk_entries == 1 << 16
+    loss_fn, params = model_problem("mlp", torch.float32)
+    calls = []
+    est(lambda p: calls.append(1) or loss_fn(p), params)
+    assert len(calls) == passes
+
 # -- every script selects it: gradient=zeroth_order ------------------------------------------------------------------
 def test_one_short_epoch_of_the_convnet(tmp_path):
     # convolutions get a materialised perturbed weight; linear layers (logreg, MLP) the row-block path, trained in
