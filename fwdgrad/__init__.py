@@ -2,9 +2,10 @@
 
 Public API::
 
-    from fwdgrad import ForwardGradient, Backprop
+    from fwdgrad import ForwardGradient, Backprop, ZerothOrder
     est = ForwardGradient(num_tangents=1, aggregation="mean", distribution="normal", seed=0)
     loss, grads = est(loss_fn, params)
+    est = ZerothOrder(num_tangents=1, epsilon=1e-3, distribution="normal", aggregation="mean", seed=0)
 
 New tangent distributions and aggregations join by a decorator, with no edit to the estimator::
 
@@ -27,6 +28,7 @@ from fwdgrad.estimators import (
     GradientEstimator,
     TangentDistribution,
     TangentDraw,
+    ZerothOrder,
     aggregate,
     combine,
     cosine_similarity,
@@ -48,6 +50,7 @@ __all__ = [
     "GradientEstimator",
     "TangentDistribution",
     "TangentDraw",
+    "ZerothOrder",
     "aggregate",
     "combine",
     "cosine_similarity",

@@ -29,6 +29,12 @@ Theory for Gaussian tangents (every distribution of ``B`` below is rotation inva
 
 For ``cos^2 ~ Beta(alpha, beta)``: ``E[cos] = E[sqrt(cos^2)] = B(alpha + 1/2, beta) / B(alpha, beta)`` and
 ``Var[cos^2] = alpha beta / ((alpha+beta)^2 (alpha+beta+1))``; the tests derive their tolerances from these.
+
+Zeroth order beside it: with a :class:`~fwdgrad.ZerothOrder` estimator (the config's ``zeroth_order`` node), every
+draw also gets the finite-difference directional derivatives on the *same* tangents, aggregated by the same rules:
+columns ``zo_cos_*`` (its cosine to the true gradient) and ``zo_fg_cos_*`` (its cosine to the forward gradient of
+that draw). The two differ only by the finite-difference error of each ``d_i``; on this linear loss the truncation
+term vanishes (the third derivative is 0), so what remains is float rounding, about ``u |f| / eps`` per derivative.
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ from torch import Tensor
 
 from fwdgrad.config import build
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import AGGREGATIONS, ForwardGradient, LossFn, Params, aggregate, check_seed
+from fwdgrad.engine import Regenerated
+from fwdgrad.estimators import (AGGREGATIONS, DirectionalEstimator, LossFn, Params, ZerothOrder,
+                                aggregate, check_seed)
 from fwdgrad.rundir import claim_output_dir
 from fwdgrad.schema import ApproxQualityConfig, validate_config
 
@@ -74,8 +82,9 @@ log = logging.getLogger(__name__)
 #: What a source factory returns: ``(name, true gradient)`` pairs, the gradient a Tensor or a dict of Tensors
 #: shaped like a model's parameters (structured tangents, e.g. for weight matrices, see those shapes).
 GradientSource = list[tuple[str, Params]]
-#: ``make_estimator(num_tangents, aggregation, distribution) -> ForwardGradient``
-EstimatorFactory = Callable[[int, str, str], ForwardGradient]
+#: ``make_estimator(num_tangents, aggregation, distribution) -> estimator`` (a DirectionalEstimator: forward gradient
+#: or zeroth order)
+EstimatorFactory = Callable[[int, str, str], DirectionalEstimator]
 
 QUANTILES = (0.05, 0.5, 0.95)
 _SPLITTING_AGGREGATIONS = ("mean", "sum")  # same direction, sum = k * mean
@@ -240,10 +249,18 @@ def expected_norm_ratio_sq(aggregation: str, n: int, k: int) -> float:
 # -- sampling ----------------------------------------------------------------------------------------------------
 @dataclass
 class QualitySamples:
-    """Per-draw cosine similarities and norm ratios ``|g|/|a|`` (arrays of length M)."""
+    """Per-draw cosine similarities and norm ratios ``|g|/|a|`` (arrays of length M); with a zeroth-order
+    estimator also its cosine to the true gradient and to the forward gradient ``g`` of the same draw."""
 
     cosine: np.ndarray
     norm_ratio: np.ndarray
+    zo_cosine: np.ndarray | None = None
+    zo_fg_cosine: np.ndarray | None = None
+
+
+def _cos(g: Tensor, a: Tensor, a_norm: float) -> float:
+    g_norm = float(g.norm())
+    return float(g @ a) / (g_norm * a_norm) if g_norm > 0 and a_norm > 0 else 0.0
 
 
 def sample_quality(
@@ -253,6 +270,7 @@ def sample_quality(
     distribution: str,
     aggregations: Sequence[str],
     num_samples: int,
+    zeroth_order: ZerothOrder | None = None,
 ) -> dict[str, QualitySamples]:
     """Draw ``num_samples`` estimates of ``grad`` per aggregation, with common tangents across aggregations.
 
@@ -261,7 +279,8 @@ def sample_quality(
     ``est(loss_fn, params)`` runs); every aggregation's rule (:data:`~fwdgrad.estimators.AGGREGATIONS`) is then
     applied to the same tangents and derivatives. The result equals calling an estimator per aggregation
     with the same seed ``num_samples`` times (a test checks this), at a fraction of the cost, and the
-    comparison between aggregations is a paired one.
+    comparison between aggregations is a paired one. ``zeroth_order`` (built with the same k), if given, adds
+    finite-difference estimates on the same tangents (module docstring).
     """
     if not aggregations:
         return {}
@@ -274,18 +293,24 @@ def sample_quality(
     a_norm = float(a.norm())
     if a_norm == 0:
         raise ConfigError("the true gradient is zero: cosine similarity is undefined; check the source.")
-    cos = {agg: np.empty(num_samples) for agg in aggregations}
-    ratio = {agg: np.empty(num_samples) for agg in aggregations}
+    cos, ratio, zo_cos, zo_fg = ({agg: np.empty(num_samples) for agg in aggregations} for _ in range(4))
     n = int(a.numel())
     for m in range(num_samples):
         tangents = sampler.draw(params).tangents
         _, d = sampler.directional_derivatives(loss_fn, params, tangents, single)
+        d_zo = None
+        if zeroth_order is not None:  # regenerated tangents materialised once: the passes read them 2k times
+            dense = {name: (t.dense() if isinstance(t, Regenerated) else t) for name, t in tangents.items()}
+            d_zo = zeroth_order.directional_derivatives(loss_fn, params, dense, single)[1]
         for agg, rule in rules.items():
             g = flatten_params(aggregate(rule, tangents, d, n)).double()
-            g_norm = float(g.norm())
-            cos[agg][m] = float(g @ a) / (g_norm * a_norm) if g_norm > 0 else 0.0
-            ratio[agg][m] = g_norm / a_norm
-    return {agg: QualitySamples(cos[agg], ratio[agg]) for agg in aggregations}
+            cos[agg][m], ratio[agg][m] = _cos(g, a, a_norm), float(g.norm()) / a_norm
+            if d_zo is not None:
+                g_zo = flatten_params(aggregate(rule, tangents, d_zo, n)).double()
+                zo_cos[agg][m], zo_fg[agg][m] = _cos(g_zo, a, a_norm), _cos(g_zo, g, float(g.norm()))
+    with_zo = zeroth_order is not None
+    return {agg: QualitySamples(cos[agg], ratio[agg], zo_cos[agg] if with_zo else None,
+                                zo_fg[agg] if with_zo else None) for agg in aggregations}
 
 
 def _summary(prefix: str, x: np.ndarray) -> dict[str, float]:
@@ -302,12 +327,14 @@ def approx_quality_table(
     aggregations: Sequence[str],
     distributions: Sequence[str],
     num_samples: int,
+    make_zeroth_order: Callable[[int], ZerothOrder] | None = None,
 ) -> pd.DataFrame:
     """One row per (source gradient, distribution, aggregation, k): cosine and norm-ratio statistics.
 
     Projection is skipped where k > n (k = n is already exact). A tangent distribution that does not apply to
     a source (the estimator raises ``ValueError``, e.g. structured tangents on a flat vector) is skipped for
     that source with a warning. The ``*_gaussian`` columns are the exact expectations for Gaussian tangents.
+    ``make_zeroth_order(k)``, if given, adds the ``zo_cos_*`` and ``zo_fg_cos_*`` columns (:func:`sample_quality`).
     """
     rows: list[dict[str, Any]] = []
     for name, grad in source:
@@ -316,7 +343,8 @@ def approx_quality_table(
             for k in num_tangents:
                 aggs = [a for a in aggregations if not (a == "projection" and k > n)]
                 try:
-                    samples = sample_quality(make_estimator, grad, k, dist, aggs, num_samples)
+                    zo = make_zeroth_order(k) if make_zeroth_order is not None else None
+                    samples = sample_quality(make_estimator, grad, k, dist, aggs, num_samples, zo)
                 except ValueError as e:
                     if isinstance(e, ConfigError):
                         raise
@@ -329,6 +357,10 @@ def approx_quality_table(
                     }
                     row.update(_summary("cos", s.cosine))
                     row.update(_summary("ratio", s.norm_ratio))
+                    if s.zo_cosine is not None and s.zo_fg_cosine is not None:
+                        row.update(_summary("zo_cos", s.zo_cosine))
+                        row.update(_summary("zo_fg_cos", s.zo_fg_cosine))
+                        row["zo_fg_cos_min"] = float(s.zo_fg_cosine.min())
                     try:
                         row["cos_expected_gaussian"] = expected_cosine(agg, n, k)
                         row["ratio_rms_expected_gaussian"] = math.sqrt(expected_norm_ratio_sq(agg, n, k))
@@ -342,7 +374,7 @@ def approx_quality_table(
 def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
     """Build estimators from the ``gradient`` config group, overriding k, aggregation and distribution."""
 
-    def make(num_tangents: int, aggregation: str, distribution: str) -> ForwardGradient:
+    def make(num_tangents: int, aggregation: str, distribution: str) -> DirectionalEstimator:
         try:
             est = build(gradient_cfg, "gradient", num_tangents=int(num_tangents), aggregation=aggregation,
                         distribution=distribution)
@@ -350,14 +382,27 @@ def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
             raise ConfigError(
                 f"could not build the estimator from the `gradient` config with num_tangents={num_tangents}, "
                 f"aggregation={aggregation!r}, distribution={distribution!r}: {e}. The analysis needs a "
-                "forward-gradient estimator (gradient=forward) and aggregations/distributions it accepts."
+                "directional estimator (gradient=forward or gradient=zeroth_order) and aggregations/distributions "
+                "it accepts."
             ) from None
-        if not isinstance(est, ForwardGradient):
+        if not isinstance(est, DirectionalEstimator):
             raise ConfigError(
-                f"the `gradient` config built a {type(est).__name__}, but the analysis draws forward-gradient "
-                "estimates: use gradient=forward (or another ForwardGradient)."
+                f"the `gradient` config built a {type(est).__name__}, but the analysis draws tangents and "
+                "directional derivatives: use gradient=forward or gradient=zeroth_order."
             )
         return est
+
+    return make
+
+
+def _zeroth_order_factory(node: DictConfig | None) -> Callable[[int], ZerothOrder] | None:
+    """``k -> ZerothOrder`` from the config's ``zeroth_order`` node (None when the node is absent or null); only
+    its directional derivatives are used, so it skips the pass for the exact loss."""
+    if node is None:
+        return None
+
+    def make(num_tangents: int) -> ZerothOrder:
+        return build(node, "zeroth_order", expected=ZerothOrder, num_tangents=int(num_tangents), exact_loss=False)
 
     return make
 
@@ -403,9 +448,12 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     aggregations = list(cfg.aggregations)
     distributions = list(cfg.distributions)
     make = _estimator_factory(cfg.gradient)
+    make_zo = _zeroth_order_factory(cfg.get("zeroth_order"))
     for agg in aggregations:  # fail fast on a typo, before any work
         for dist in distributions:
             make(1, agg, dist)
+    if make_zo is not None:
+        make_zo(1)
     source = _normalise_source(build(cfg.source, "source"))
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
@@ -414,7 +462,7 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     if num_threads:
         torch.set_num_threads(int(num_threads))
     try:
-        df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples))
+        df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples), make_zo)
     finally:
         torch.set_num_threads(threads_before)
     if df.empty:

@@ -302,12 +302,25 @@ def _cosine_theory(ax: Any, sub: pd.DataFrame, n: int) -> None:
                 label="E[cos] mean/sum, Gaussian")
 
 
+def _zeroth_order_marks(ax: Any, sub: pd.DataFrame, colors: Dict[str, str]) -> None:
+    """x marks: the zeroth-order estimate's mean cosine on the same tangents (column ``zo_cos_mean``), in its
+    line's colour; the panel's corner gives the smallest cosine between it and the forward gradient of a draw."""
+    if "zo_cos_mean" not in sub or sub["zo_cos_mean"].isna().all():
+        return
+    for (agg, _), line in sub.groupby(["aggregation", "distribution"], sort=False):
+        ax.plot(line["k"], line["zo_cos_mean"], "x", color=colors[agg], ms=6, zorder=4)
+    ax.plot([], [], "x", color="k", label="zeroth order, same tangents")
+    ax.text(0.98, 0.02, f"min cos(ZO, FG) = {sub['zo_fg_cos_min'].min():.7f}", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7)
+
+
 def plot_cosine_vs_k(df: pd.DataFrame, path: Path) -> None:
     """Mean cosine similarity against k (log-log), a line per aggregation and distribution, a panel per source.
 
     ``df`` is :func:`fwdgrad.analysis.approx_quality_table`'s table. The spread of the draws (std, 5/50/95 %
     quantiles) is in the CSV. Black lines: the exact ``E[cos]`` for Gaussian tangents (projection dotted,
-    mean/sum dash-dotted); grey: ``sqrt(k/n)``. Mean and sum coincide (same direction).
+    mean/sum dash-dotted); grey: ``sqrt(k/n)``. Mean and sum coincide (same direction). x marks: the
+    zeroth-order estimates on the same tangents, when the table has them.
     """
     fig, sources, axes = _panels(df)
     colors, styles = _style(df)
@@ -320,6 +333,7 @@ def plot_cosine_vs_k(df: pd.DataFrame, path: Path) -> None:
             ax.plot(line["k"], line["cos_mean"], styles[dist], color=colors[agg], lw=width, marker="o", ms=3,
                     alpha=0.85, label=f"{agg}, {dist}", zorder=2 if agg == "sum" else 3)
         _cosine_theory(ax, sub, n)
+        _zeroth_order_marks(ax, sub, colors)
         ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="cosine similarity to true gradient",
                title=f"{src} (n={n})" if f"n={n}" not in src else src)
         ax.set_ylim(top=1.15)

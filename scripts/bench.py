@@ -16,6 +16,9 @@ the loss under ``torch.no_grad()``. Reported per configuration, as in the paper:
 
     R_f = step / forward   (R_b for the backprop row)        fg/bp = step / backprop step
 
+The zeroth-order rows (``zo``, MLP only; ``--zo-ks``) are ZerothOrder with central differences and the exact loss,
+i.e. 2k + 1 no-grad forward passes per step; the full table's last column says what every step runs.
+
 Method: for each (model, batch size) every configuration first runs two steps with a fresh estimator, as
 warm-up and to measure its peak memory; then rounds visit all configurations in a shuffled order
 (interleaved, so a slow phase of a shared machine hits every configuration alike), each sample timing
@@ -58,7 +61,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
+from fwdgrad import Backprop, ForwardGradient, GradientEstimator, ZerothOrder, estimate_module_grads  # noqa: E402
 from fwdgrad.cli import run_cli  # noqa: E402
 from fwdgrad.errors import ConfigError  # noqa: E402
 from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
@@ -78,7 +81,7 @@ class BenchError(ConfigError):
 class Variant:
     """One row of the table: what runs as the step."""
 
-    name: str  # forward | backprop | fg
+    name: str  # forward | backprop | fg | zo
     distribution: str = ""
     k: int = 0
     backend: str = ""
@@ -86,6 +89,8 @@ class Variant:
 
     @property
     def label(self) -> str:
+        if self.name == "zo":
+            return f"zo {self.distribution} k={self.k}"
         if self.name != "fg":
             return self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
@@ -111,6 +116,18 @@ class Result:
     r_f: float = math.nan
     fg_over_bp: float = math.nan
     threads: int = 0  # torch threads the row ran with
+    passes: str = ""
+
+
+def passes(v: Variant) -> str:
+    """What one step of ``v`` runs over the model: its cost in passes."""
+    if v.name == "forward":
+        return "1 no-grad forward"
+    if v.name == "backprop":
+        return "1 forward + 1 backward"
+    if v.name == "zo":  # central differences, plus one pass for the exact loss f(theta)
+        return f"{2 * v.k + 1} no-grad forwards"
+    return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}"
 
 
 def build_model(name: str, quick: bool) -> nn.Module:
@@ -122,13 +139,14 @@ def build_model(name: str, quick: bool) -> nn.Module:
     raise BenchError(f"unknown model {name!r}; use --models with mlp and/or convnet (comma separated).")
 
 
-def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int]) -> List[Variant]:
+def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
+             zo_ks: Sequence[int] = ()) -> List[Variant]:
     out = [Variant("forward"), Variant("backprop")]
     out += [Variant("fg", "normal", k, "func") for k in func_ks]
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
     if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
         out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
-    return out
+    return out + [Variant("zo", "normal", k) for k in zo_ks]
 
 
 def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -142,8 +160,11 @@ def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
             with torch.no_grad():
                 loss_of(model(x))
         return step
-    est = Backprop() if v.name == "backprop" else ForwardGradient(
-        v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
+    if v.name == "zo":
+        est: GradientEstimator = ZerothOrder(v.k, distribution=v.distribution, seed=0)
+    else:
+        est = Backprop() if v.name == "backprop" else ForwardGradient(
+            v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -270,6 +291,7 @@ def bench_group(
             q25_ms=_quantile(xs, 0.25) * 1e3, q75_ms=_quantile(xs, 0.75) * 1e3,
             samples=len(xs), inner=inner, peak_mib=peaks[v.label][0], rss_mib=peaks[v.label][1],
             threads=torch.get_num_threads(),
+            passes=passes(v),
         ))
     fwd = next(r for r in out if r.variant == "forward").median_ms
     bp = next(r for r in out if r.variant == "backprop").median_ms
@@ -281,7 +303,25 @@ def bench_group(
 
 # -- the deep-MLP memory check and the training-loop row ------------------------------------------------------
 DEEP_VARIANTS = (Variant("backprop"), Variant("fg", "normal", 1, "auto"), Variant("fg", "normal", 1, "auto", regenerate=False),
-                 Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto"))
+                 Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto"),
+                 Variant("zo", "normal", 1))
+#: The deep table's extra rows: the no-grad forward pass (the inference baseline) and the zeroth-order passes alone.
+DEEP_FORWARD, DEEP_ZO_PASSES = "forward (no grad)", "zo normal k=1: passes only"
+
+
+def zo_passes_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A zeroth-order step without its estimate: the draw (seeds only) and the 3 perturbed no-grad passes,
+    everything but building the n-float gradient the step returns."""
+    from torch.func import functional_call
+
+    est = ZerothOrder(1, seed=0)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def step() -> None:
+        draw = est.draw(params)
+        est.directional_derivatives(lambda p: cross_entropy(functional_call(model, p, (x,)), y), params, draw.tangents)
+
+    return step
 
 
 def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.device) -> Dict[str, object]:
@@ -298,19 +338,23 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
                               "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB}
     make_step(Variant("backprop"), model, x, y)()  # lazy library initialisation must not count
     model.zero_grad(set_to_none=True)
-    for v in DEEP_VARIANTS:
-        peak, rss = mem.measure(lambda: make_step(v, model, x, y))
+    makers = [(v.label, lambda v=v: make_step(v, model, x, y)) for v in DEEP_VARIANTS]
+    makers += [(DEEP_FORWARD, lambda: make_step(Variant("forward"), model, x, y)),
+               (DEEP_ZO_PASSES, lambda: zo_passes_step(model, x, y))]
+    for label, make in makers:
+        peak, rss = mem.measure(make)
         model.zero_grad(set_to_none=True)
-        fn = make_step(v, model, x, y)
+        fn = make()
         t = time.perf_counter()
         fn()
-        res[v.label] = {"peak_mib": peak, "rss_mib": rss, "step_ms": (time.perf_counter() - t) * 1e3}
+        res[label] = {"peak_mib": peak, "rss_mib": rss, "step_ms": (time.perf_counter() - t) * 1e3}
         model.zero_grad(set_to_none=True)
-    bp = res["backprop"]  # type: ignore[index]
-    for v in DEEP_VARIANTS[1:]:
-        r = res[v.label]  # type: ignore[index]
+    bp, fwd = res["backprop"], res[DEEP_FORWARD]  # type: ignore[index]
+    for label, _ in makers:
+        r = res[label]  # type: ignore[index]
         r["over_bp"] = r["peak_mib"] / bp["peak_mib"] if bp["peak_mib"] else math.nan
         r["rss_over_bp"] = r["rss_mib"] / bp["rss_mib"] if bp["rss_mib"] else math.nan
+        r["over_forward"] = r["peak_mib"] / fwd["peak_mib"] if fwd["peak_mib"] else math.nan
     return res
 
 
@@ -433,12 +477,13 @@ def _fmt(x: float, nd: int = 2) -> str:
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    lines = ["| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB | RSS MiB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB | RSS MiB | passes / step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(
             f"| {r.model} | {r.batch} | {r.variant} | {_fmt(r.median_ms)} | {_fmt(r.r_f)} | "
-            f"{'—' if r.variant == 'forward' else _fmt(r.fg_over_bp)} | {_fmt(r.peak_mib, 1)} | {_fmt(r.rss_mib, 1)} |"
+            f"{'—' if r.variant == 'forward' else _fmt(r.fg_over_bp)} | {_fmt(r.peak_mib, 1)} | {_fmt(r.rss_mib, 1)} | "
+            f"{r.passes} |"
         )
     return "\n".join(lines)
 
@@ -503,6 +548,17 @@ def target_runs(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str
     tks = [k for k in ks if k in (1, 16)] or list(ks[:1])
     fg = [Variant("fg", d, k, "auto") for d in ("normal", "rank1") if d in dists for k in tks]
     return [(t, b, [Variant("forward"), Variant("backprop"), *fg]) for t in counts for b in wanted]
+def zo_memory_lines(deep: Dict[str, object]) -> List[str]:
+    """The zeroth-order memory check: its passes against a no-grad forward pass (target <= 1.1 x), and the whole
+    step against the larger of that pass and the n-float gradient any estimator returns."""
+    zo, passes_only = deep["zo normal k=1"], deep[DEEP_ZO_PASSES]  # type: ignore[index]
+    grad_mib = float(deep["params_mib"])  # type: ignore[arg-type]
+    floor = max(float(deep[DEEP_FORWARD]["peak_mib"]), grad_mib)  # type: ignore[index]
+    ratio = passes_only["over_forward"]
+    return [f"- zeroth order (dense normal, k=1, central, 3 no-grad passes): the passes peak at {ratio:.3f} x a "
+            f"no-grad forward pass ({'met' if ratio <= 1.1 else 'NOT met'}: target <= 1.1); the whole step, which "
+            f"also builds the {grad_mib:.0f} MiB gradient it returns, at {zo['peak_mib'] / floor:.3f} x "
+            "max(no-grad forward pass, gradient)"]
 
 
 def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result], deep: Optional[Dict[str, object]],
@@ -548,14 +604,16 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
         md += [f"Deep MLP ({deep['layers']} hidden layers of width {deep['width']}, batch {deep['batch']}, "
                f"{_fmt(deep['params_mib'], 0)} MiB of parameters; target: forward-gradient peak <= 0.5 x "  # type: ignore[arg-type]
                "backprop's), peak memory of two steps and time of one:", "",
-               "| step | peak MiB | × backprop | RSS MiB | × backprop | step ms |", "|---|---:|---:|---:|---:|---:|"]
-        for v in DEEP_VARIANTS:
-            r = deep[v.label]  # type: ignore[index]
-            md.append(f"| {v.label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r.get('over_bp', 1.0))} | "
-                      f"{_fmt(r['rss_mib'], 1)} | {_fmt(r.get('rss_over_bp', 1.0))} | {_fmt(r['step_ms'], 0)} |")
+               "| step | peak MiB | × backprop | RSS MiB | × backprop | × forward (no grad) | step ms |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for label in [DEEP_FORWARD, *(v.label for v in DEEP_VARIANTS), DEEP_ZO_PASSES]:
+            r = deep[label]  # type: ignore[index]
+            md.append(f"| {label} | {_fmt(r['peak_mib'], 1)} | {_fmt(r['over_bp'])} | {_fmt(r['rss_mib'], 1)} | "
+                      f"{_fmt(r['rss_over_bp'])} | {_fmt(r['over_forward'])} | {_fmt(r['step_ms'], 0)} |")
         fg = deep[DEEP_VARIANTS[1].label]  # type: ignore[index]
         md += ["", f"- default forward gradient (dense normal, k=1): {fg['over_bp']:.2f} x backprop's peak "
-               f"({'met' if fg['over_bp'] <= 0.5 else 'NOT met'})", ""]
+               f"({'met' if fg['over_bp'] <= 0.5 else 'NOT met'})"]
+        md += zo_memory_lines(deep) + [""]
     if quality:
         md += [f"Estimate quality on the MLP (batch 64, random data, {args.quality_draws} estimates each, mean "
                "aggregation): cosine similarity to the backprop gradient, and E|g - a|^2 / |a|^2 measured "
@@ -589,6 +647,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="k values also run on the torch.func reference path (normal tangents); the conv net "
                         "gets only k=1 there unless --func-convnet")
     p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
+    p.add_argument("--zo-ks", default="1,16", help="k values of the zeroth-order rows (MLP only; empty: none)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (samples per row)")
     p.add_argument("--min-sample-ms", type=float, default=30.0)
     p.add_argument("--group-budget-s", type=float, default=60.0,
@@ -614,7 +673,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.ks, args.func_ks = "8", "1,2", "1,2"
+        args.batches, args.ks, args.func_ks, args.zo_ks = "8", "1,2", "1,2", "1,2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -626,6 +685,7 @@ def run(args: argparse.Namespace) -> Path:
     for m in models:
         build_model(m, True)  # validates the name before any long work
     batches, ks, func_ks = _ints(args.batches, "batches"), _ints(args.ks, "ks"), _ints(args.func_ks, "func-ks")
+    zo_ks = _ints(args.zo_ks, "zo-ks")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
     from fwdgrad import TANGENT_DISTRIBUTIONS
 
@@ -656,7 +716,7 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     for m in models:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
-        vs = variants(ks, dists, fks)
+        vs = variants(ks, dists, fks, zo_ks if m == "mlp" else ())
         for b in batches:
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)

@@ -39,6 +39,14 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     assert "| mlp | 8 | fg rank1 k=1 |" in md
     assert "Machine:" in md and "threads" in md and "Deep MLP" in md and "Training loop overhead: MLP" in md
     assert len(list(csv.DictReader(open(out / "quality.csv")))) == 3 * 2
+    # zeroth order: MLP rows with their cost, and the deep-MLP check against a no-grad forward pass
+    zo = {r["variant"]: r for r in rows if r["model"] == "mlp" and r["variant"].startswith("zo")}
+    assert set(zo) == {"zo normal k=1", "zo normal k=2"} and not any(r["variant"].startswith("zo") for r in rows
+                                                                    if r["model"] == "convnet")
+    assert zo["zo normal k=2"]["passes"] == "5 no-grad forwards" and float(zo["zo normal k=1"]["peak_mib"]) > 0
+    assert "| mlp | 8 | zo normal k=1 |" in md and "| passes / step |" in md
+    assert "| forward (no grad) |" in md and "| zo normal k=1: passes only |" in md
+    assert "zeroth order (dense normal, k=1, central, 3 no-grad passes): the passes peak at" in md
 
 
 def test_bad_arguments_give_a_one_line_error_and_keep_results(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
+from fwdgrad import Backprop, ForwardGradient, ZerothOrder, estimate_module_grads
 from fwdgrad.distributed import DataParallelEstimator, WorkerLostError, launch_workers
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import backends
@@ -48,10 +48,12 @@ def _make_estimator(kind: str):
             "fg_regen": lambda: ForwardGradient(num_tangents=3, aggregation="projection", regenerate_tangents=True,
                                                 seed=3),
             "fg_k1": lambda: ForwardGradient(seed=3),
+            # finite differences: eps = 0.1 keeps float32 rounding / eps (shard vs full batch) below the tolerance
+            "zo": lambda: ZerothOrder(num_tangents=3, epsilon=0.1, seed=3),
             "bp": Backprop}[kind]()
 
 
-K = {"fg": 4, "fg_proj": 3, "fg_rank1": 4, "fg_regen": 3, "fg_k1": 1, "bp": None}
+K = {"fg": 4, "fg_proj": 3, "fg_rank1": 4, "fg_regen": 3, "fg_k1": 1, "zo": 3, "bp": None}
 
 
 def _train(kind: str) -> tuple[list[torch.Tensor], list[int], list[float]]:

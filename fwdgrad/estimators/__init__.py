@@ -11,6 +11,10 @@ Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.
 * :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
 * :mod:`.backends`: the directional derivatives by the fast engine or ``torch.func``, and the visible fallback;
 * :mod:`.registry`: the registry class both registries are.
+
+The zeroth-order estimator (:mod:`.zeroth_order`) uses the same tangents and aggregations with finite
+differences instead of forward-mode AD: :mod:`.seeded_tangents` keeps its tangents as seeds, regenerated a chunk
+at a time, and :mod:`.perturbation` evaluates the loss at ``theta + eps v`` without writing ``theta``.
 """
 
 from fwdgrad.estimators.aggregation import (
@@ -44,6 +48,7 @@ from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
 from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.seeded_tangents import ChunkedTangent
 from fwdgrad.estimators.tangents import (
     TANGENT_DISTRIBUTIONS,
     ChunkedDistribution,
@@ -54,6 +59,7 @@ from fwdgrad.estimators.tangents import (
     TangentSampler,
     register_distribution,
 )
+from fwdgrad.estimators.zeroth_order import ZerothOrder
 
 __all__ = [
     "AGGREGATIONS",
@@ -64,6 +70,7 @@ __all__ = [
     "Backprop",
     "ChunkedDistribution",
     "ChunkedRNG",
+    "ChunkedTangent",
     "DirectionalEstimator",
     "DrawContext",
     "ForwardGradient",
@@ -78,6 +85,7 @@ __all__ = [
     "TangentDraw",
     "TangentMemoryPolicy",
     "TangentSampler",
+    "ZerothOrder",
     "aggregate",
     "as_param_dict",
     "check_params",
