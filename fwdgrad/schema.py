@@ -120,6 +120,7 @@ class ApproxQualityConfig(EntryPointConfig):
     aggregations: List[str] = field(default_factory=list)
     distributions: List[str] = field(default_factory=list)
     num_threads: Optional[int] = None
+    zeroth_order: Any = None  #: a zeroth-order estimator node evaluated on the same tangents, or null
 
 
 # -- the checks ------------------------------------------------------------------------------------------------
