@@ -46,6 +46,29 @@ def _t(s: PassState, x: Tensor) -> Tensor:
     return s.attach(torch.t(x), tx if x.dim() < 2 else tx.transpose(1, 2))
 
 
+@register(T.T.__get__)
+def _T(s: PassState, x: Tensor) -> Tensor:  # x.T: all dims reversed
+    tx = dense(s.tangent(x))
+    return s.attach(x.T, tx.permute(0, *range(x.dim(), 0, -1)))
+
+
+@register(T.mT.__get__)
+def _mT(s: PassState, x: Tensor) -> Tensor:  # x.mT: the last two dims swapped
+    return s.attach(x.mT, dense(s.tangent(x)).transpose(-2, -1))
+
+
+@register_each(T.unbind, torch.unbind, T.chunk, torch.chunk, T.split, torch.split, T.tensor_split,
+               torch.tensor_split)
+def _pieces(func: Callable, s: PassState, x: Tensor, arg: Any = None, dim: int = 0) -> Any:
+    """Ops that cut a tensor into views along ``dim``: the tangent cut the same way along ``tdim(dim)``."""
+    if func in (T.unbind, torch.unbind):  # unbind(x, dim=0): its one argument is the dim
+        dim = dim if arg is None else arg
+        outs, touts = x.unbind(dim), dense(s.tangent(x)).unbind(tdim(dim % x.dim()))
+    else:
+        outs, touts = func(x, arg, dim), func(dense(s.tangent(x)), arg, tdim(dim % x.dim()))
+    return type(outs)(s.attach(o, t) for o, t in zip(outs, touts))
+
+
 @register(T.permute, torch.permute)
 def _permute(s: PassState, x: Tensor, *dims: Any) -> Tensor:
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
