@@ -166,3 +166,20 @@ def test_svhn_config_composes_and_loads_limits(tmp_path: Path):
                                         "dataset.limit_train=10", "dataset.limit_test=4", "dataset.batch_size=5"])
     s = instantiate(cfg.dataset)
     assert s.name == "svhn" and s.train_x.shape[0] == 10 and s.test_x.shape[0] == 4 and s.batch_size == 5
+
+
+def test_svhn_downloads_each_missing_split_with_torchvision(tmp_path: Path, monkeypatch):
+    source = tmp_path / "server"
+    fake_svhn(source)
+    fetched = []
+
+    def download(self):  # torchvision's downloader, "online": it fetches this split's file into root
+        fetched.append(self.split)
+        (Path(self.root) / self.filename).write_bytes((source / self.filename).read_bytes())
+
+    monkeypatch.setattr(SVHN, "download", download)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train_32x32.mat").write_bytes((source / "train_32x32.mat").read_bytes())  # one split already there
+    s = data.svhn(root=str(root), download=True, check_md5=False)
+    assert fetched == ["test"] and s.test_x.shape == (11, 3, 32, 32)

@@ -26,9 +26,11 @@ import torchvision
 from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import SHARED_MNIST
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
+from fwdgrad.engine import forward_tangents
 from fwdgrad.functional import cross_entropy
 from fwdgrad.models import LeNet5, MLPMixer, ResNet, VisionTransformer
 from fwdgrad.training import train
@@ -258,3 +260,32 @@ def test_the_scripts_run_the_new_models_as_a_user_runs_them(data28, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["steps"] == 2 and metrics["model"] == {"vit": "VisionTransformer", "resnet18": "ResNet"}[model]
+
+
+# -- the k tangents stay batched ---------------------------------------------------------------------------------
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that run (below the engine's rules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_pass_runs_the_same_ops_for_2_and_for_8_tangents(name):
+    # a Python loop over the k tangents anywhere in the pass would run k times as many ops
+    model = _tiny(name, (1, 16, 16)).train()
+    x, y = torch.randn(4, 1, 16, 16), torch.arange(4)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss_fn = _loss_fn(model, x, y)
+    counts = {}
+    for k in (2, 8):
+        tangents = {n: torch.randn(k, *p.shape) for n, p in params.items()}
+        with _CountOps() as ops:
+            forward_tangents(loss_fn, params, tangents, k)
+        counts[k] = ops.n
+    assert counts[2] == counts[8] > 0
