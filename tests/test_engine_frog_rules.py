@@ -1,7 +1,9 @@
 """The engine rules the frog models need (batch norm, layer norm, adaptive average pooling, unbind/chunk/split,
-``x.T``/``x.mT``), each against ``torch.func.jvp`` on values *and* full output tangents, k = 1 and k > 1, dense
-and rank-one weight tangents; and batch norm's running statistics, which must move exactly as in one backprop
-step whatever the backend, the tangent groups or a fallback. float64, so tolerances are rounding-level."""
+``x.T``/``x.mT``, scaled dot-product attention), each against ``torch.func.jvp`` on values *and* full output
+tangents, k = 1 and k > 1, dense and rank-one weight tangents (attention against ``jvp`` of the kernel's documented
+maths, as torch has no forward-mode rule for the kernel); and batch norm's running statistics, which must move
+exactly as in one backprop step whatever the backend, the tangent groups or a fallback. float64, so tolerances
+are rounding-level."""
 
 from __future__ import annotations
 
@@ -239,3 +241,78 @@ def test_running_stats_follow_backprop_over_several_steps_and_eval_uses_them():
     bp_net.eval()
     fg_net.eval()
     torch.testing.assert_close(fg_net(x), bp_net(x), rtol=0, atol=0)
+
+
+# -- scaled dot-product attention (torch.func has no rule for the kernel: the reference is its math) ------------
+def _attention_reference(q, k, v, mask=None, is_causal=False, scale=None):
+    """The fused kernel's definition, from its documentation: softmax(scale q k^T + bias) v."""
+    scale = 1 / q.shape[-1] ** 0.5 if scale is None else scale
+    bias = torch.zeros(q.shape[-2], k.shape[-2], dtype=q.dtype)
+    if is_causal:
+        bias = bias.masked_fill(~torch.ones_like(bias, dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
+    return torch.softmax(q @ k.transpose(-2, -1) * scale + bias, dim=-1) @ v
+
+
+MASKS = {"none": {}, "causal": {"is_causal": True}, "bool": {"mask": torch.rand(5, 6, generator=torch.Generator()
+         .manual_seed(0)) > 0.3}, "float": {"mask": _r(5, 6, seed=9)}, "scale": {"scale": 0.3}}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("mask", list(MASKS))
+@pytest.mark.parametrize("which", ["qkv", "q", "k", "v"])
+def test_scaled_dot_product_attention(k, mask, which):
+    opts = dict(MASKS[mask])
+    if mask == "bool":
+        opts["mask"][:, 0] = True  # every query sees at least one key
+    lq = 6 if mask == "causal" else 5
+    q, kk, v = _r(2, 3, lq, 4, seed=1), _r(2, 3, 6, 4, seed=2), _r(2, 3, 6, 5, seed=3)
+    sdpa_kw = {"attn_mask": opts.get("mask"), "is_causal": opts.get("is_causal", False), "scale": opts.get("scale")}
+
+    def pick(p):
+        return (p.get("q", q), p.get("k", kk), p.get("v", v))
+
+    params = {n: t for n, t in (("q", q), ("k", kk), ("v", v)) if n in which}
+    tangents = {n: _r(k, *t.shape, seed=11 + i) for i, (n, t) in enumerate(params.items())}
+    outs, touts = _engine(lambda p: F.scaled_dot_product_attention(*pick(p), **sdpa_kw), params, tangents)
+
+    def reference(p):
+        return _attention_reference(*pick(p), opts.get("mask"), opts.get("is_causal", False), opts.get("scale"))
+
+    ref_outs, ref_touts = _reference(reference, params, tangents, k)
+    torch.testing.assert_close(outs[0], ref_outs[0], **TOL)
+    torch.testing.assert_close(touts[0], ref_touts[0], **TOL)
+
+
+@pytest.mark.parametrize("rank1", [False, True])
+def test_sdpa_in_a_projection_matches_the_written_out_attention(rank1):
+    # the same network with the kernel and with attention written out (fwdgrad.models.layers.SelfAttention)
+    from fwdgrad.models.layers import SelfAttention
+
+    torch.manual_seed(0)
+    att = SelfAttention(8, 2).to(DT)
+    x = _r(3, 5, 8, seed=4)
+
+    def with_kernel(p):
+        q, kk, v = F.linear(x, p["in_proj.weight"], p["in_proj.bias"]).view(3, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return F.linear(F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(3, 5, 8),
+                        p["out_proj.weight"], p["out_proj.bias"])
+
+    params = {n: p.detach() for n, p in att.named_parameters()}
+    tangents = {n: _r(4, *p.shape, seed=20 + i) for i, (n, p) in enumerate(params.items())}
+    if rank1:
+        tangents["in_proj.weight"] = RankOne(_r(4, 24, seed=30), _r(4, 8, seed=31), (24, 8))
+    (o1,), (t1,) = _engine(with_kernel, params, tangents)
+    (o2,), (t2,) = _engine(lambda p: functional_call(att, p, (x,)), params, tangents)
+    torch.testing.assert_close(o1, o2, **TOL)
+    torch.testing.assert_close(t1, t2, **TOL)
+
+
+def test_sdpa_with_dropout_is_refused_not_approximated():
+    from fwdgrad.engine import Unsupported, forward_tangents
+
+    q = _r(2, 4, 3)
+    with pytest.raises(Unsupported, match="dropout_p"):
+        forward_tangents(lambda p: F.scaled_dot_product_attention(p["q"], q, q, dropout_p=0.1).sum(), {"q": q},
+                         {"q": _r(1, 2, 4, 3)}, 1)
