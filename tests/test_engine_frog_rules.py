@@ -157,6 +157,8 @@ SHAPE_OPS = [
     ("split_size", lambda t: t.split(2, dim=1)),
     ("split_sections", lambda t: torch.split(t, [1, 3, 2], dim=-1)),
     ("tensor_split", lambda t: t.tensor_split([1, 3], dim=2)),
+    ("split_by_name", lambda t: torch.split(t, split_size_or_sections=4)),
+    ("chunk_by_name", lambda t: t.chunk(chunks=2, dim=1)),
     ("T", lambda t: (t[0].T,)),
     ("mT", lambda t: (t.mT,)),
     ("qkv_like_attention", lambda t: t.view(2, 4, 3, 2).permute(2, 0, 1, 3).unbind(0)),

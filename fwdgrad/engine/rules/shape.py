@@ -59,13 +59,18 @@ def _mT(s: PassState, x: Tensor) -> Tensor:  # x.mT: the last two dims swapped
 
 @register_each(T.unbind, torch.unbind, T.chunk, torch.chunk, T.split, torch.split, T.tensor_split,
                torch.tensor_split)
-def _pieces(func: Callable, s: PassState, x: Tensor, arg: Any = None, dim: int = 0) -> Any:
-    """Ops that cut a tensor into views along ``dim``: the tangent cut the same way along ``tdim(dim)``."""
-    if func in (T.unbind, torch.unbind):  # unbind(x, dim=0): its one argument is the dim
-        dim = dim if arg is None else arg
-        outs, touts = x.unbind(dim), dense(s.tangent(x)).unbind(tdim(dim % x.dim()))
-    else:
-        outs, touts = func(x, arg, dim), func(dense(s.tangent(x)), arg, tdim(dim % x.dim()))
+def _pieces(func: Callable, s: PassState, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Ops that cut a tensor into views along ``dim``: the tangent cut the same way along ``tdim(dim)``.
+
+    ``unbind(x, dim=0)``; ``chunk(x, chunks, dim=0)``, ``split(x, sizes, dim=0)``, ``tensor_split(x, indices,
+    dim=0)``: the sizes argument (positional or by its name) is passed on as it came, the dim shifted past k.
+    """
+    kwargs = dict(kwargs)
+    unbind = func in (T.unbind, torch.unbind)
+    dim = kwargs.pop("dim", args[0 if unbind else 1] if len(args) > (0 if unbind else 1) else 0)
+    sizes = () if unbind else args[:1]
+    outs = func(x, *sizes, dim=dim, **kwargs)
+    touts = func(dense(s.tangent(x)), *sizes, dim=tdim(dim % x.dim()), **kwargs)
     return type(outs)(s.attach(o, t) for o, t in zip(outs, touts))
 
 
