@@ -25,6 +25,7 @@ from fwdgrad.functional import cross_entropy
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(fn: Callable, params: Dict[str, Tensor], tangents: Dict[str, object]):

@@ -6,16 +6,16 @@
   ``<grad f, v>`` (float64, k = 1 and k > 1, dense and rank-one tangents, training and eval mode).
 * Training: on 28x28 images (MNIST and Fashion-MNIST: the real test sets when present, else generated IDX files)
   every model runs with both scripts' configs and with every estimator of ``configs/gradient/``; each learns on a
-  fixed batch with each estimator; batch norm's statistics move once per step; the scripts run as a user runs them.
-Tiny widths come from config overrides, so every run takes seconds.
+  fixed batch with each estimator; batch norm's statistics move once per step. (The scripts themselves are thin
+  wrappers over ``train``, run as subprocesses in tests/test_mnist_scripts.py and tests/test_entry_points.py.)
+* Batching: a pass runs the same ops for 2 and for 8 tangents.
+Tiny widths come from config overrides and every test runs on one thread, so each takes well under a second.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -34,7 +34,7 @@ from fwdgrad.engine import forward_tangents
 from fwdgrad.functional import cross_entropy
 from fwdgrad.models import LeNet5, MLPMixer, ResNet, VisionTransformer
 from fwdgrad.training import train
-from mnist_helpers import CONFIGS, ROOT, compose_cfg, write_idx
+from mnist_helpers import CONFIGS, compose_cfg, write_idx
 
 DT = torch.float64
 #: config overrides that shrink each model (same architecture, tiny widths)
@@ -46,6 +46,7 @@ TINY_MODELS: Dict[str, List[str]] = {
 }
 MODELS = list(TINY_MODELS)
 FASHION_PACKAGE = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist, when installed
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(name: str, shape=(1, 28, 28), dtype=torch.float32) -> nn.Module:
@@ -187,12 +188,16 @@ def data28(tmp_path_factory) -> Dict[str, Path]:
     return roots
 
 
-def _run(script: str, dataset: str, root: Path, model: str, extra: List[str], out: Path) -> dict:
+def _run(script: str, dataset: str, root: Path, model: str, extra: List[str], out: Path,
+         monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Train ``model`` for two steps through ``train`` with ``script``'s composed config (what the script runs)."""
+    # the run's figure is the plotting tests' business, and drawing it would cost more than the two steps
+    monkeypatch.setattr(importlib.import_module("fwdgrad.training.run"), "_plot", lambda *args, **kwargs: None)
     cfg = compose_cfg(script, [f"dataset={dataset}", f"dataset.root={root}", "dataset.test_set_split=100",
                                "dataset.limit_train=64", "dataset.limit_test=32", "dataset.batch_size=32",
                                "optimization.epochs=1", "optimization.learning_rate=1e-3", "log_every=2",
-                               "progress_bar=false", "plot_misclassified=0", f"model={model}", *TINY_MODELS[model],
-                               *extra])
+                               "progress_bar=false", "plot_misclassified=0", "threads=1", f"model={model}",
+                               *TINY_MODELS[model], *extra])
     torch.manual_seed(cfg.seed)
     init = instantiate(cfg.model, input_shape=[1, 28, 28], num_classes=10, _convert_="all").state_dict()
     m = train(cfg, out)
@@ -209,8 +214,8 @@ def _run(script: str, dataset: str, root: Path, model: str, extra: List[str], ou
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 @pytest.mark.parametrize("script", ["mnist_fwdgrad", "mnist_backprop"])
 @pytest.mark.parametrize("model", MODELS)
-def test_every_model_runs_on_28x28_with_both_scripts(model, script, dataset, data28, tmp_path):
-    m = _run(script, dataset, data28[dataset], model, [], tmp_path)
+def test_every_model_runs_on_28x28_with_both_scripts(model, script, dataset, data28, tmp_path, monkeypatch):
+    m = _run(script, dataset, data28[dataset], model, [], tmp_path, monkeypatch)
     assert m["estimator"]["estimator"] == ("ForwardGradient" if script == "mnist_fwdgrad" else "Backprop")
     assert "backend" not in m["estimator"]  # no fallback: the fast engine has a rule for every op
 
@@ -222,8 +227,8 @@ ESTIMATORS = [(p.stem, []) for p in sorted((CONFIGS / "gradient").glob("*.yaml")
 
 @pytest.mark.parametrize("gradient,extra", ESTIMATORS, ids=[f"{g}{'_k4' if e else ''}" for g, e in ESTIMATORS])
 @pytest.mark.parametrize("model", MODELS)
-def test_every_model_trains_with_every_estimator(model, gradient, extra, data28, tmp_path):
-    _run("mnist_fwdgrad", "mnist", data28["mnist"], model, [f"gradient={gradient}", *extra], tmp_path)
+def test_every_model_trains_with_every_estimator(model, gradient, extra, data28, tmp_path, monkeypatch):
+    _run("mnist_fwdgrad", "mnist", data28["mnist"], model, [f"gradient={gradient}", *extra], tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -246,20 +251,6 @@ def test_every_model_learns_a_fixed_batch_with_each_estimator(model, est):
         losses.append(float(estimate_module_grads(estimator, net, lambda o: cross_entropy(o, y), x)))
         opt.step()
     assert all(np.isfinite(losses)) and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
-
-
-@pytest.mark.slow  # two subprocesses (torch imports)
-def test_the_scripts_run_the_new_models_as_a_user_runs_them(data28, tmp_path):
-    for script, model in (("mnist_fwdgrad.py", "vit"), ("mnist_backprop.py", "resnet18")):
-        run_dir = tmp_path / model
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / script), f"model={model}", *TINY_MODELS[model], "dataset=mnist",
-             f"dataset.root={data28['mnist']}", "dataset.test_set_split=100", "dataset.limit_train=64",
-             "dataset.limit_test=32", "optimization.max_steps=2", "progress_bar=false", "plot_misclassified=0",
-             f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert metrics["steps"] == 2 and metrics["model"] == {"vit": "VisionTransformer", "resnet18": "ResNet"}[model]
 
 
 # -- the k tangents stay batched ---------------------------------------------------------------------------------
