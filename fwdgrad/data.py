@@ -14,7 +14,10 @@ Sources
   ``test_set_split=N`` uses *only* the official 10k test set (``t10k-*``): a fixed permutation seeded by
   ``split_seed`` keeps ``N`` examples held out and trains on the rest. This is how the MNIST test set shipped
   beside the project (``../shared/data/mnist``, test files only) gives real digits offline.
-* ``cifar10``: torchvision's ``CIFAR10`` (``<root>/cifar-10-batches-py``), converted to tensors once.
+* ``cifar10``, ``svhn``: the files of torchvision's ``CIFAR10`` (``<root>/cifar-10-batches-py/``, python pickle
+  batches) and ``SVHN`` (``<root>/{train,test}_32x32.mat``), downloaded by torchvision when missing and online,
+  checked against their published MD5 sums (``check_md5``), decoded here (:func:`read_cifar_batch`,
+  :func:`read_svhn_mat`; SVHN's label 10 is the digit 0).
 * ``digits`` (scikit-learn's 8x8 digits, as 1x8x8 images) and ``penguins`` (palmerpenguins): shipped with
   their packages, hence always available offline; split by a fixed permutation seeded by ``split_seed``.
 
@@ -30,7 +33,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Type
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -52,6 +55,9 @@ __all__ = [
     "fashion_mnist",
     "kmnist",
     "cifar10",
+    "svhn",
+    "read_cifar_batch",
+    "read_svhn_mat",
     "digits",
     "penguins",
 ]
@@ -402,61 +408,152 @@ def kmnist(
 
 
 # --------------------------------------------------------------------------------------------------------
-# CIFAR-10 through torchvision
+# CIFAR-10 and SVHN: torchvision downloads them, fwdgrad decodes its file formats into tensors
 # --------------------------------------------------------------------------------------------------------
+def _fetch_missing(name: str, absent: Callable[[], list[str]], download: bool, fetch: Callable[[], None],
+                   folder: Path, layout: str) -> None:
+    """Download with torchvision's own downloader if files are ``absent()`` and ``download`` is on; raise the
+    offline message (as for MNIST) if any are still missing."""
+    if absent() and download:
+        log.info("downloading %s into %s", name, folder)
+        try:
+            fetch()
+        except Exception as e:  # offline: URLError, OSError, RuntimeError
+            log.debug("download of %s failed: %r", name, e)
+    missing = absent()
+    if missing:
+        how = "download was disabled (dataset.download=false)" if not download else "downloading them failed (offline?)"
+        raise DatasetNotFoundError(
+            f"{name} files not found in {folder}: missing {', '.join(missing)}, and {how}. Put {layout} there, "
+            f"point dataset.root at the folder holding them, or run offline with {OFFLINE_ALTERNATIVES} "
+            "(shipped with their Python packages)."
+        )
+
+
+def _check_md5(files: Sequence[Tuple[Path, str]], check: bool) -> None:
+    """Compare each file's MD5 with the published one (``check_md5=false`` accepts other files in the format)."""
+    if not check:
+        return
+    from torchvision.datasets.utils import check_integrity
+
+    for path, md5 in files:
+        if not check_integrity(str(path), md5):
+            raise CorruptDatasetError(
+                f"{path} is damaged or not the published file (MD5 differs from {md5}); delete it and download "
+                "it again (dataset.download=true), set dataset.check_md5=false for your own files in this format, "
+                f"or use the offline datasets: {OFFLINE_ALTERNATIVES}."
+            )
+
+
+def _corrupt(path: Path, why: str) -> CorruptDatasetError:
+    return CorruptDatasetError(
+        f"cannot decode {path} ({why}); the file is damaged: delete it and download it again "
+        f"(dataset.download=true), or use the offline datasets: {OFFLINE_ALTERNATIVES}."
+    )
+
+
+def read_cifar_batch(path: Path) -> Tuple[Tensor, Tensor]:
+    """Decode one CIFAR-10 python batch (a pickled dict: ``data`` uint8 ``(N, 3072)`` rows of 1024 red, 1024
+    green, 1024 blue pixels in row-major order; ``labels``, N ints in 0..9) into ``(N, 3, 32, 32)`` uint8 images
+    and int64 labels. A damaged file raises :class:`CorruptDatasetError` naming it."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")  # the batches were pickled by Python 2
+        data, labels = np.asarray(entry["data"]), np.asarray(entry["labels"], dtype=np.int64)
+    except Exception as e:  # a damaged pickle can fail in many ways (EOFError, UnpicklingError, IndexError...)
+        raise _corrupt(path, repr(e)) from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
+        raise _corrupt(path, f"data {data.dtype} {data.shape} with {labels.shape[0]} labels, expected uint8 (N, 3072) "
+                             "and N labels")
+    if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
+        raise _corrupt(path, f"labels outside 0..9 ({labels.min()}..{labels.max()})")
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
 def cifar10(
     root: str = "data",
     batch_size: int = 64,
     download: bool = True,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    check_md5: bool = True,
 ) -> Splits:
-    """CIFAR-10 colour images, 3x32x32, 10 classes (50,000 / 10,000), read by torchvision's ``CIFAR10``."""
+    """CIFAR-10 colour images, 3x32x32, 10 classes (50,000 / 10,000), from ``<root>/cifar-10-batches-py/``
+    (torchvision's layout and downloader; the python pickle batches decoded here)."""
     import pickle
 
     from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
 
     root_dir = _resolve_root(root)
     folder = root_dir / CIFAR10.base_folder
-    files = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
-
-    def absent() -> list[str]:
-        return [f for f in files if not (folder / f).is_file()]
-
-    if absent() and download:
-        log.info("downloading cifar10 into %s", root_dir)
-        try:
-            CIFAR10(str(root_dir), train=True, download=True)
-        except Exception as e:  # offline
-            log.debug("download of cifar10 failed: %r", e)
-    if absent():
-        how = "download was disabled (dataset.download=false)" if not download else "downloading them failed (offline?)"
-        raise DatasetNotFoundError(
-            f"cifar10 files not found in {folder}: missing {', '.join(absent())}, and {how}. Put the extracted "
-            f"cifar-10-python.tar.gz there, point dataset.root at its parent, or run offline with "
-            f"{OFFLINE_ALTERNATIVES} (shipped with their Python packages)."
-        )
-    for f, md5 in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]:
-        if not check_integrity(str(folder / f), md5):
-            raise CorruptDatasetError(
-                f"{folder / f} is damaged (md5 mismatch); delete it and download again (dataset.download=true), "
-                f"or use the offline datasets: {OFFLINE_ALTERNATIVES}."
-            )
+    published = [(f, md5) for f, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    published.append((CIFAR10.meta["filename"], CIFAR10.meta["md5"]))
+    _fetch_missing("cifar10", lambda: [f for f, _ in published if not (folder / f).is_file()], download,
+                   lambda: CIFAR10(str(root_dir), train=True, download=True), folder,
+                   "the extracted cifar-10-python.tar.gz")
+    _check_md5([(folder / f, md5) for f, md5 in published], check_md5)
+    parts = [read_cifar_batch(folder / f) for f, _ in CIFAR10.train_list]
+    train_x, train_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+    test_x, test_y = read_cifar_batch(folder / CIFAR10.test_list[0][0])
+    meta = folder / CIFAR10.meta["filename"]
     try:
-        train, test = CIFAR10(str(root_dir), train=True), CIFAR10(str(root_dir), train=False)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise CorruptDatasetError(f"cannot decode CIFAR-10 in {folder}: {e}") from None
+        with open(meta, "rb") as f:
+            classes = list(pickle.load(f, encoding="latin1")[CIFAR10.meta["key"]])
+    except Exception as e:  # as in read_cifar_batch
+        raise _corrupt(meta, repr(e)) from None
+    return _finish("cifar10", train_x.float().div_(255.0), train_y, test_x.float().div_(255.0), test_y, 10,
+                   batch_size, classes, limit_train, limit_test)
 
-    def to_tensors(ds) -> Tuple[Tensor, Tensor]:
-        # torchvision keeps HWC uint8; convert once to (N, C, H, W) floats in [0, 1].
-        x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).float().div_(255.0)
-        return x, torch.as_tensor(ds.targets, dtype=torch.long)
 
-    train_x, train_y = to_tensors(train)
-    test_x, test_y = to_tensors(test)
-    return _finish("cifar10", train_x, train_y, test_x, test_y, 10, batch_size, train.classes, limit_train,
-                   limit_test)
+def read_svhn_mat(path: Path) -> Tuple[Tensor, Tensor]:
+    """Decode one SVHN ``*_32x32.mat`` file (MATLAB v5: ``X`` uint8 ``(32, 32, 3, N)``, ``y`` ``(N, 1)`` labels
+    1..10, where 10 stands for the digit 0) into ``(N, 3, 32, 32)`` uint8 images and int64 digit labels 0..9,
+    as torchvision's ``SVHN`` reads them. A damaged file raises :class:`CorruptDatasetError` naming it."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(str(path))
+        x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).astype(np.int64).reshape(-1)
+    except Exception as e:  # scipy fails on a damaged file in many ways (MatReadError, IndexError, ValueError...)
+        raise _corrupt(path, repr(e)) from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.shape != (x.shape[3],):
+        raise _corrupt(path, f"X {x.dtype} {x.shape} with {y.shape[0]} labels, expected uint8 (32, 32, 3, N) and N")
+    if y.size and not 1 <= y.min() <= y.max() <= 10:
+        raise _corrupt(path, f"labels outside 1..10 ({y.min()}..{y.max()})")
+    y[y == 10] = 0  # the digit 0 is labelled 10 in the .mat files
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1))), torch.from_numpy(y)
+
+
+def svhn(
+    root: str = "data",
+    batch_size: int = 64,
+    download: bool = True,
+    limit_train: Optional[int] = None,
+    limit_test: Optional[int] = None,
+    check_md5: bool = True,
+) -> Splits:
+    """SVHN house-number digits, 3x32x32, 10 classes (73,257 train / 26,032 test; the 531,131 "extra" images
+    are not used), from ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat`` (torchvision's layout and
+    downloader; the .mat files decoded here)."""
+    from torchvision.datasets import SVHN
+
+    root_dir = _resolve_root(root)
+    splits = {s: SVHN.split_list[s] for s in ("train", "test")}
+
+    def fetch() -> None:
+        for s in splits:
+            if not (root_dir / splits[s][1]).is_file():
+                SVHN(str(root_dir), split=s, download=True)
+
+    _fetch_missing("svhn", lambda: [f for _, f, _ in splits.values() if not (root_dir / f).is_file()], download,
+                   fetch, root_dir, "train_32x32.mat and test_32x32.mat from ufldl.stanford.edu/housenumbers")
+    _check_md5([(root_dir / f, md5) for _, f, md5 in splits.values()], check_md5)
+    train_x, train_y = read_svhn_mat(root_dir / splits["train"][1])
+    test_x, test_y = read_svhn_mat(root_dir / splits["test"][1])
+    return _finish("svhn", train_x.float().div_(255.0), train_y, test_x.float().div_(255.0), test_y, 10, batch_size,
+                   [str(d) for d in range(10)], limit_train, limit_test)
 
 
 # --------------------------------------------------------------------------------------------------------

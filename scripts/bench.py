@@ -1,6 +1,8 @@
 """Benchmark: time per training step of forward gradients against backprop, measured side by side.
 
-    make bench                                     # = .venv/bin/python scripts/bench.py (about 8-12 min, 2 cores)
+    make bench                                     # = .venv/bin/python scripts/bench.py (every model below)
+    .venv/bin/python scripts/bench.py --models mlp,convnet             # the MLP and conv net (6-9 min, 2 cores)
+    .venv/bin/python scripts/bench.py --models lenet5,resnet18,vit,mlp_mixer --device cuda   # Section 4.5 models
     .venv/bin/python scripts/bench.py --models mlp --batches 1024 --ks 1,16 --repeats 9
     .venv/bin/python scripts/bench.py --quick      # tiny models: checks the pipeline in seconds
     .venv/bin/python scripts/bench.py --threads 1 --clock thread --models mlp --batches 64,1024 --ks 1,16
@@ -8,6 +10,12 @@
 The targets (MLP 784-1024-1024-10) must hold at torch's default thread count (all cores) and at one thread:
 after the main table, the targets' MLP rows run again at each ``--target-threads`` count (default ``1``; a
 count equal to the main run's is skipped), and ``bench.md`` checks every target at every thread count.
+
+Models: the MLP (784-1024-1024-10) and conv net at batches ``--batches`` with every tangent distribution, and
+the multi-tangent paper's Section 4.5 models in frog's sizes (LeNet-5, ResNet-18 CIFAR variant, ViT 6x256,
+MLP-Mixer 8x512; 1x28x28 inputs) at ``--frog-batches`` with dense normal tangents: k = 1, 4, 16 on the fast
+engine (all k tangents in one batched pass, no loop over k) and the torch.func reference at k = 1. On the CPU
+the Section 4.5 rows take long (ResNet-18 and MLP-Mixer at k = 16 most); a GPU runs them in minutes.
 
 What is timed: one *gradient step*, ``estimate_module_grads(estimator, model, cross_entropy, x)``, i.e. the loss,
 the gradient (exact or estimated: tangent drawing, forward-mode pass, aggregation) and writing ``p.grad``; the
@@ -66,10 +74,11 @@ from fwdgrad.cli import run_cli  # noqa: E402
 from fwdgrad.errors import ConfigError  # noqa: E402
 from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
 from fwdgrad.functional import cross_entropy  # noqa: E402
-from fwdgrad.models import MLP, ConvNet  # noqa: E402
+from fwdgrad.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer  # noqa: E402
 
 log = logging.getLogger("bench")
 MIB = 2**20
+SHAPE = (1, 28, 28)
 
 
 class BenchError(ConfigError):
@@ -130,13 +139,33 @@ def passes(v: Variant) -> str:
     return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}"
 
 
+#: name -> (full size, --quick size); all on MNIST's 1x28x28 images. The last four are the models of the
+#: multi-tangent paper's Section 4.5 (FROG_MODELS), in the sizes frog trains them.
+BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
+    "mlp": (lambda: MLP(SHAPE, 10, (1024, 1024)), lambda: MLP(SHAPE, 10, (64, 64))),
+    "convnet": (lambda: ConvNet(SHAPE, 10), lambda: ConvNet(SHAPE, 10, channels=4, hidden_size=32)),
+    "lenet5": (lambda: LeNet5(SHAPE, 10), lambda: LeNet5(SHAPE, 10)),
+    "resnet18": (lambda: ResNet(SHAPE, 10), lambda: ResNet(SHAPE, 10, width=4, blocks=(1, 1))),
+    "vit": (lambda: VisionTransformer(SHAPE, 10),
+            lambda: VisionTransformer(SHAPE, 10, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16)),
+    "mlp_mixer": (lambda: MLPMixer(SHAPE, 10),
+                  lambda: MLPMixer(SHAPE, 10, hidden_dim=16, token_mlp_dim=8, channel_mlp_dim=16, num_blocks=1)),
+}
+FROG_MODELS = ("lenet5", "resnet18", "vit", "mlp_mixer")
+
+
 def build_model(name: str, quick: bool) -> nn.Module:
-    shape = (1, 28, 28)
-    if name == "mlp":
-        return MLP(shape, 10, (64, 64) if quick else (1024, 1024))
-    if name == "convnet":
-        return ConvNet(shape, 10, channels=4, hidden_size=32) if quick else ConvNet(shape, 10)
-    raise BenchError(f"unknown model {name!r}; use --models with mlp and/or convnet (comma separated).")
+    if name not in BENCH_MODELS:
+        raise BenchError(f"unknown model {name!r}; use --models with any of {', '.join(BENCH_MODELS)} "
+                         "(comma separated).")
+    return BENCH_MODELS[name][1 if quick else 0]()
+
+
+def frog_variants(ks: Sequence[int], func_ks: Sequence[int]) -> List[Variant]:
+    """The Section 4.5 models' rows: forward, backprop, dense normal tangents for each k (the fast engine), and
+    the torch.func reference at k = 1."""
+    return [Variant("forward"), Variant("backprop"), *[Variant("fg", "normal", k, "func") for k in func_ks if k == 1],
+            *[Variant("fg", "normal", k, "auto") for k in ks]]
 
 
 def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
@@ -639,8 +668,10 @@ def _ints(text: str, what: str, zero_ok: bool = False) -> List[int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mlp,convnet", help="comma-separated: mlp, convnet")
+    p.add_argument("--models", default=",".join(BENCH_MODELS), help="comma-separated: " + ", ".join(BENCH_MODELS))
     p.add_argument("--batches", default="64,256,1024")
+    p.add_argument("--frog-batches", default="64",
+                   help=f"batch sizes of the Section 4.5 models ({', '.join(FROG_MODELS)}; frog's MNIST batch is 64)")
     p.add_argument("--ks", default="1,4,16", help="numbers of tangents")
     p.add_argument("--distributions", default="normal,rademacher,rank1")
     p.add_argument("--func-ks", default="1,16",
@@ -674,6 +705,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.ks, args.func_ks, args.zo_ks = "8", "1,2", "1,2", "1,2"
+        args.batches, args.frog_batches, args.ks, args.func_ks = "8", "8", "1,2", "1,2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -686,6 +718,7 @@ def run(args: argparse.Namespace) -> Path:
         build_model(m, True)  # validates the name before any long work
     batches, ks, func_ks = _ints(args.batches, "batches"), _ints(args.ks, "ks"), _ints(args.func_ks, "func-ks")
     zo_ks = _ints(args.zo_ks, "zo-ks")
+    frog_batches = _ints(args.frog_batches, "frog-batches")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
     from fwdgrad import TANGENT_DISTRIBUTIONS
 
@@ -718,6 +751,8 @@ def run(args: argparse.Namespace) -> Path:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
         vs = variants(ks, dists, fks, zo_ks if m == "mlp" else ())
         for b in batches:
+        vs = frog_variants(ks, func_ks) if m in FROG_MODELS else variants(ks, dists, fks)
+        for b in (frog_batches if m in FROG_MODELS else batches):
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)
             for r in group:

@@ -32,3 +32,13 @@ def _torch_threads():
     # Keep results independent of whatever a previous test set.
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch intra-op thread (restored after): small models gain nothing from more, and on a
+    busy machine a second spinning thread makes them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

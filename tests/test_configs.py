@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fwdgrad.config import build_optimizer, build_scheduler
 from fwdgrad.data import DatasetNotFoundError, Splits
+from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import GradientEstimator
 from fwdgrad.functions import Beale, Rosenbrock
 from mnist_helpers import CONFIGS, compose_cfg
@@ -34,9 +35,10 @@ EXPERIMENTS = {
 def test_every_group_has_options():
     found = {g for g, _ in OPTIONS}
     assert found == set(GROUPS)
-    assert {o for g, o in OPTIONS if g == "dataset"} >= {"mnist", "fashion_mnist", "kmnist", "cifar10", "digits",
-                                                          "penguins"}
-    assert {o for g, o in OPTIONS if g == "model"} >= {"mlp", "conv", "logreg"}
+    assert {o for g, o in OPTIONS if g == "dataset"} >= {"mnist", "fashion_mnist", "kmnist", "cifar10", "svhn",
+                                                          "digits", "penguins"}
+    assert {o for g, o in OPTIONS if g == "model"} >= {"mlp", "conv", "logreg", "lenet5", "resnet18", "vit",
+                                                        "mlp_mixer"}
     assert {o for g, o in OPTIONS if g == "optimization"} >= {"sgd", "adam"}
     assert {o for g, o in OPTIONS if g == "optimization/scheduler"} == {"exponential", "linear", "cosine",
                                                                         "constant"}
@@ -62,6 +64,11 @@ def test_compose_and_instantiate(group: str, option: str, tmp_path: Path):
             assert str(tmp_path) in str(err.value.__cause__) and "dataset=digits" in str(err.value.__cause__)
     elif group == "model":
         for shape, classes in (((1, 8, 8), 10), ((1, 28, 28), 10), ((3, 32, 32), 10)):
+            if option == "lenet5" and shape[1] < 16:  # two valid 5x5 convolutions: refused, with the reason
+                with pytest.raises(InstantiationException) as err:
+                    instantiate(node, input_shape=list(shape), num_classes=classes, _convert_="all")
+                assert isinstance(err.value.__cause__, ConfigError) and "16x16" in str(err.value.__cause__)
+                continue
             model = instantiate(node, input_shape=list(shape), num_classes=classes, _convert_="all")
             assert model(torch.zeros(2, *shape)).shape == (2, classes)
     elif group == "optimization":

@@ -12,20 +12,7 @@ import torch
 
 from fwdgrad import data
 from fwdgrad.data import CorruptDatasetError, DatasetNotFoundError, iterate_batches, read_idx
-
-
-def _write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> Path:
-    """Write ``arr`` (uint8) in the IDX format: 0, 0, type 0x08, ndim, big-endian int32 sizes, data."""
-    payload = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    payload += arr.astype(np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as f:
-            f.write(payload)
-    else:
-        path.write_bytes(payload)
-    return path
+from mnist_helpers import write_idx as _write_idx
 
 
 def _fake_mnist(root: Path, n: int = 50, parts=("t10k",), compress: bool = True) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
+from fwdgrad.estimators.buffers import StepBuffers
 
 __all__ = [
     "Params",
@@ -240,16 +241,21 @@ def estimate_module_grads(
     """Estimate the gradient of ``loss_of_output(model(*inputs))`` and write it into ``p.grad``.
 
     This is the bridge to the ``torch.optim`` world: after it, any optimizer, scheduler or
-    ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed; buffers
-    (e.g. batch-norm statistics) are passed through. Returns the (detached) loss.
+    ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed. Buffers (e.g.
+    batch norm's running statistics) move once per call, as in a backprop step, however often the estimator
+    evaluates the loss (:class:`~fwdgrad.estimators.buffers.StepBuffers`). Returns the (detached) loss.
     """
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
+    buffers = StepBuffers(model)
 
     def loss_fn(p: Dict[str, Tensor]) -> Tensor:
-        return loss_of_output(functional_call(model, (p, buffers), inputs))
+        work = buffers.fresh()
+        loss = loss_of_output(functional_call(model, (p, work), inputs))
+        buffers.returned(work)
+        return loss
 
     loss, grads = estimator(loss_fn, params)
+    buffers.commit()
     for name, param in model.named_parameters():
         if name in grads:
             param.grad = grads[name].to(param.dtype)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from fwdgrad.data import iterate_batches
 from fwdgrad.errors import ConfigError, WorkerLostError
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
+from fwdgrad.estimators.buffers import forward_without_buffer_updates
 from fwdgrad.functional import cross_entropy
 from fwdgrad.training.factory import Components, Settings
 from fwdgrad.training.recorder import Recorder
@@ -169,9 +170,11 @@ def _train_epoch(state: TrainState, parts: Components, settings: Settings, recor
         try:
             if closes_window:
                 # train/accuracy: this batch's accuracy at the parameters the step's loss is taken at (one extra
-                # forward pass per window; estimators return the loss, not the logits).
+                # forward pass per window; estimators return the loss, not the logits), on copies of the buffers
+                # so that batch norm's running statistics still move once per step.
                 with torch.no_grad():
-                    state.batch_accuracy = _batch_accuracy(parts, parts.model(x), y)
+                    logits = forward_without_buffer_updates(parts.model, x)
+                    state.batch_accuracy = _batch_accuracy(parts, logits, y)
             state.window_loss += _step(parts, x, y, settings.clip_grad_norm)
         except WorkerLostError as err:
             _stop(state, StopReason.WORKER_LOST, f"{_one_line(err)} {_kept(state)}")

@@ -1,8 +1,8 @@
 """Rules for pooling and maxima.
 
 A max is piecewise the identity on the selected entry: its tangent is the tangent at that entry (the
-argmax the primal chose, so ties resolve as the primal's). Average pooling is linear: the same pooling of
-the tangents.
+argmax the primal chose, so ties resolve as the primal's). Average pooling (fixed or adaptive windows) is
+linear: the same pooling of the tangents.
 """
 
 from __future__ import annotations
@@ -58,6 +58,21 @@ def _avg_pool2d(s: PassState, input: Tensor, *args: Any, **kwargs: Any) -> Tenso
         raise Unsupported("avg_pool2d on an unbatched input")
     k = tx.shape[0]
     t = F.avg_pool2d(tx.reshape(k * input.shape[0], *input.shape[1:]), *args, **kwargs)  # linear
+    return s.attach(out, t.view(k, *out.shape))
+
+
+@register(F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d)
+def _adaptive_avg_pool2d(s: PassState, input: Tensor, output_size: Any) -> Tensor:
+    out = F.adaptive_avg_pool2d(input, output_size)
+    tx = dense(s.tangent(input))
+    if input.dim() != 4:
+        raise Unsupported("adaptive_avg_pool2d on an unbatched (C, H, W) input")
+    k, bsz = tx.shape[0], input.shape[0]
+    moved = tx.transpose(0, 1)  # linear: the same pooling of the B*k tangent images
+    if moved.is_contiguous():  # batch-major (after a conv): pool it as it lies, and it stays batch-major
+        t = F.adaptive_avg_pool2d(moved.reshape(bsz * k, *input.shape[1:]), output_size)
+        return s.attach(out, t.view(bsz, k, *out.shape[1:]).transpose(0, 1))
+    t = F.adaptive_avg_pool2d(tx.reshape(k * bsz, *input.shape[1:]), output_size)
     return s.attach(out, t.view(k, *out.shape))
 
 

@@ -46,6 +46,34 @@ def _t(s: PassState, x: Tensor) -> Tensor:
     return s.attach(torch.t(x), tx if x.dim() < 2 else tx.transpose(1, 2))
 
 
+@register(T.T.__get__)
+def _T(s: PassState, x: Tensor) -> Tensor:  # x.T: all dims reversed
+    tx = dense(s.tangent(x))
+    return s.attach(x.T, tx.permute(0, *range(x.dim(), 0, -1)))
+
+
+@register(T.mT.__get__)
+def _mT(s: PassState, x: Tensor) -> Tensor:  # x.mT: the last two dims swapped
+    return s.attach(x.mT, dense(s.tangent(x)).transpose(-2, -1))
+
+
+@register_each(T.unbind, torch.unbind, T.chunk, torch.chunk, T.split, torch.split, T.tensor_split,
+               torch.tensor_split)
+def _pieces(func: Callable, s: PassState, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """Ops that cut a tensor into views along ``dim``: the tangent cut the same way along ``tdim(dim)``.
+
+    ``unbind(x, dim=0)``; ``chunk(x, chunks, dim=0)``, ``split(x, sizes, dim=0)``, ``tensor_split(x, indices,
+    dim=0)``: the sizes argument (positional or by its name) is passed on as it came, the dim shifted past k.
+    """
+    kwargs = dict(kwargs)
+    unbind = func in (T.unbind, torch.unbind)
+    dim = kwargs.pop("dim", args[0 if unbind else 1] if len(args) > (0 if unbind else 1) else 0)
+    sizes = () if unbind else args[:1]
+    outs = func(x, *sizes, dim=dim, **kwargs)
+    touts = func(dense(s.tangent(x)), *sizes, dim=tdim(dim % x.dim()), **kwargs)
+    return type(outs)(s.attach(o, t) for o, t in zip(outs, touts))
+
+
 @register(T.permute, torch.permute)
 def _permute(s: PassState, x: Tensor, *dims: Any) -> Tensor:
     if len(dims) == 1 and isinstance(dims[0], (tuple, list)):

@@ -1,8 +1,4 @@
-"""Models used in the experiments. Each takes its input shape and class count from the dataset.
-
-Data shape is the model's business: every model accepts a batch of shape ``(N, *input_shape)`` (images as
-``(N, C, H, W)``, tabular data as ``(N, F)``), so all of them share one data pipeline.
-"""
+"""The small models: logistic regression, the MLP and the paper-style conv net, and helpers every model uses."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from torch import Tensor, nn
 
 from fwdgrad.errors import ConfigError
 
-__all__ = ["MLP", "ConvNet", "LogisticRegression", "ACTIVATIONS"]
+__all__ = ["MLP", "ConvNet", "LogisticRegression", "ACTIVATIONS", "image_shape", "output_shape"]
 
 #: Activations selectable from the config by name (``model.activation=tanh``).
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
@@ -22,6 +18,23 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.
 
 def _features(input_shape: Sequence[int]) -> int:
     return int(math.prod(input_shape))
+
+
+def image_shape(model: str, input_shape: Sequence[int], min_size: int = 1) -> Tuple[int, int, int]:
+    """``(C, H, W)`` of an image dataset; a :class:`ConfigError` for tabular data or images smaller than
+    ``min_size`` pixels a side (the message names the model and what to use instead)."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"{model} needs image data of shape (channels, height, width), but this dataset has "
+            f"input shape {tuple(input_shape)}; use model=mlp or model=logreg for tabular data."
+        )
+    c, h, w = (int(s) for s in input_shape)
+    if h < min_size or w < min_size:
+        raise ConfigError(
+            f"{model} needs images of at least {min_size}x{min_size} pixels, got {h}x{w}; use a dataset of "
+            "larger images (e.g. dataset=mnist) or another model (model=conv or model=mlp)."
+        )
+    return c, h, w
 
 
 class LogisticRegression(nn.Module):
@@ -80,14 +93,7 @@ class ConvNet(nn.Module):
         hidden_size: int = 1024,
     ) -> None:
         super().__init__()
-        if len(input_shape) != 3:
-            raise ConfigError(
-                f"ConvNet needs image data of shape (channels, height, width), but this dataset has "
-                f"input shape {tuple(input_shape)}; use model=mlp or model=logreg for tabular data."
-            )
-        c, h, w = input_shape
-        if h < 4 or w < 4:
-            raise ConfigError(f"ConvNet needs images of at least 4x4 pixels, got {h}x{w}.")
+        c, h, w = image_shape("ConvNet", input_shape, min_size=4)
         self.features = nn.Sequential(
             nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),

@@ -1,0 +1,129 @@
+"""Rules for batch norm and layer norm.
+
+Both compute ``y = w * x_hat + b`` with ``x_hat = (x - mu) / sigma``, ``sigma = sqrt(var + eps)``, the
+statistics taken over the reduced dims R (batch norm: every dim but the channel dim 1; layer norm: the last
+``len(normalized_shape)`` dims). When ``mu`` and ``var`` are statistics *of x itself* (layer norm; batch norm
+in training mode or without running statistics) they move with x, and with ``<.>`` the mean over R:
+
+    d mu    = <x_dot>
+    d sigma = <(x - mu) x_dot> / sigma = <x_hat x_dot>          (since <x - mu> = 0)
+    d x_hat = (x_dot - <x_dot> - x_hat <x_hat x_dot>) / sigma
+
+When they are fixed running statistics (batch norm in eval mode), ``d x_hat = x_dot / sigma``. In both cases
+
+    y_dot = w * d x_hat  +  w_dot * x_hat  +  b_dot.
+
+Batch norm's running statistics are updated by the primal call, which runs once per pass: the k tangents
+never touch them (and :class:`~fwdgrad.estimators.buffers.StepBuffers` keeps passes repeated within a step,
+e.g. tangent groups, from moving them more than once).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fwdgrad.engine.registry import register
+from fwdgrad.engine.state import PassState
+from fwdgrad.engine.tangents import Tangent, dense, k_of, tdims
+
+__all__ = ["normalized_tangent"]
+
+
+def normalized_tangent(
+    s: PassState,
+    x: Tensor,
+    stats: Tuple[Tensor, Tensor],
+    dims: Sequence[int],
+    batch_stats: bool,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    param_shape: Sequence[int],
+) -> Optional[Tensor]:
+    """The ``(k, *x.shape)`` tangent of ``w * x_hat + b`` (module docstring), or None if nothing carries one.
+
+    ``stats`` is ``(mu, 1 / sigma)``, broadcastable to ``x``; ``dims`` the reduced primal dims; ``param_shape``
+    the shape ``weight`` and ``bias`` broadcast as (e.g. ``(1, C, 1, 1)``).
+    """
+    tx, tw, tb = dense(s.tangent(x)), s.tangent(weight), s.tangent(bias)
+    if tx is None and tw is None and tb is None:
+        return None
+    k = k_of(tx, tw, tb)
+    mu, inv = stats
+    x_hat = (x - mu) * inv
+    t: Optional[Tensor] = None
+    if tx is not None:
+        t = tx * inv if not batch_stats else _centred(tx, x_hat, tdims(dims, x.dim())).mul_(inv)
+        if weight is not None:
+            t.mul_(weight.view(param_shape))
+    t = _add_param_tangent(t, tw, k, param_shape, x_hat)
+    t = _add_param_tangent(t, tb, k, param_shape, None)
+    return t if t.shape[1:] == x.shape else t.expand(k, *x.shape)
+
+
+def _centred(tx: Tensor, x_hat: Tensor, tdims_: Tuple[int, ...]) -> Tensor:
+    """``x_dot - <x_dot> - x_hat <x_hat x_dot>`` (a new tensor, in ``tx``'s memory layout)."""
+    m1 = tx.mean(dim=tdims_, keepdim=True)
+    m2 = (tx * x_hat).mean(dim=tdims_, keepdim=True)
+    return (tx - m1).addcmul_(x_hat.expand_as(tx), m2.expand_as(tx), value=-1)
+
+
+def _add_param_tangent(
+    t: Optional[Tensor], tp: Optional[Tangent], k: int, param_shape: Sequence[int], factor: Optional[Tensor]
+) -> Optional[Tensor]:
+    """``t + factor * p_dot`` (``factor`` None: ``t + p_dot``) for a weight or bias tangent ``p_dot``."""
+    if tp is None:
+        return t
+    tp = dense(tp).reshape(k, *param_shape)
+    if t is None:
+        return tp * factor if factor is not None else tp
+    return t.addcmul_(factor.expand_as(t), tp.expand_as(t)) if factor is not None else t.add_(tp)
+
+
+@register(F.batch_norm)  # (torch.batch_norm takes its arguments in another order: no rule, hence a fallback)
+def _batch_norm(
+    s: PassState,
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if s.tangent(t) is not None:
+            raise ValueError(f"batch_norm: {name} carries tangents; running statistics are buffers, not parameters")
+    out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # moves the stats
+    dims = [0, *range(2, input.dim())]
+    shape = [1, input.shape[1]] + [1] * (input.dim() - 2)
+    batch_stats = training or running_mean is None or running_var is None
+    if batch_stats:
+        var, mu = torch.var_mean(input, dim=dims, correction=0, keepdim=True)
+    else:
+        var, mu = running_var.view(shape), running_mean.view(shape)
+    t = normalized_tangent(s, input, (mu, torch.rsqrt(var + eps)), dims, batch_stats, weight, bias, shape)
+    return s.attach(out, t)
+
+
+@register(F.layer_norm, torch.layer_norm)
+def _layer_norm(
+    s: PassState,
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *args: object,  # torch.layer_norm's cudnn_enable: no effect on the values
+) -> Tensor:
+    out = F.layer_norm(input, normalized_shape, weight, bias, eps)
+    ns = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
+    dims = tuple(range(-len(ns), 0))
+    var, mu = torch.var_mean(input, dim=dims, correction=0, keepdim=True)
+    shape = [1] * (input.dim() - len(ns)) + list(ns)
+    t = normalized_tangent(s, input, (mu, torch.rsqrt(var + eps)), dims, True, weight, bias, shape)
+    return s.attach(out, t)
