@@ -20,6 +20,11 @@ and behave alike:
   the sweep goes on to its next job instead;
 * anything else is a bug: its traceback is logged and the process exits with status 1.
 
+A sweeper that optimises (``hydra/sweeper=lr_search``, Hydra's Optuna plugin) needs one number per job: when the
+config has a top-level ``objective`` (the lr_search config sets ``objective: final_test_loss``), the task returns
+that entry of the task's result instead of the whole dict, and ``+inf`` for a run that failed or whose value is
+not finite (frog's convention: a diverged learning rate is the worst, not an error that stops the study).
+
 Argparse scripts use :func:`run_cli`: ``prog: error: message`` on stderr and status 2 (as argparse does for a
 bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
 
@@ -32,17 +37,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fwdgrad.errors import ConfigError, RunError, UserError
 
-__all__ = ["EntryExit", "hydra_task", "one_paragraph", "run_cli", "run_hydra"]
+__all__ = ["EntryExit", "hydra_task", "objective_value", "one_paragraph", "run_cli", "run_hydra"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,17 +87,41 @@ def _job_name(default: str) -> str:
     return HydraConfig.get().job.name if HydraConfig.initialized() else default
 
 
-def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional[T]]:
+def _objective_key(cfg: Any) -> Optional[str]:
+    """The config's ``objective`` (what to return to an optimising sweeper), or None."""
+    return cfg.get("objective") if isinstance(cfg, (DictConfig, Mapping)) else None
+
+
+def objective_value(cfg: DictConfig, result: Any) -> float:
+    """``result[cfg.objective]`` as a float for an optimising sweeper; ``+inf`` when it is missing or not finite.
+
+    Raises :class:`ConfigError` when ``objective`` names no entry of the result.
+    """
+    key = _objective_key(cfg)
+    if not isinstance(result, Mapping) or key not in result:
+        numbers = result.items() if isinstance(result, Mapping) else ()
+        keys = ", ".join(str(k) for k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"objective={key!r} is not a result of this script; it returns: {keys or 'no numbers'}. "
+                          "Set objective to one of them (e.g. objective=final_test_loss).")
+    value = result[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        log.warning("objective %s = %r is not a finite number: reported to the sweeper as +inf", key, value)
+        return math.inf
+    return float(value)
+
+
+def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Union[T, float, None]]:
     """Wrap a Hydra task function with the shared error handling and timing (module docstring)."""
 
     @functools.wraps(fn)
-    def task(cfg: DictConfig) -> Optional[T]:
+    def task(cfg: DictConfig) -> Union[T, float, None]:
         t0 = time.perf_counter()
         status = "failed"
         try:
             result = fn(cfg)
+            value = objective_value(cfg, result) if _objective_key(cfg) is not None else result
             status = "finished"
-            return result
+            return value
         except UserError as err:
             log.error("%s", one_paragraph(err))
             raise EntryExit(err.exit_code) from None
@@ -99,8 +130,8 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional
             raise EntryExit(ConfigError.exit_code) from None
         except RunError as err:
             log.error("%s", one_paragraph(err))
-            if _in_multirun():
-                return None  # this job failed (its files are kept); the sweep goes on
+            if _in_multirun():  # this job failed (its files are kept); the sweep goes on
+                return math.inf if _objective_key(cfg) is not None else None
             raise EntryExit(err.exit_code) from None
         except Exception:
             log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
