@@ -30,7 +30,8 @@ bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
 
 Run directories: every Hydra script includes ``configs/hydra/default.yaml``, which names them
 ``outputs/<config name>/<date>_<time with microseconds>-<pid>`` (multirun: ``..._multirun/<job>_<overrides>``),
-so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here.
+so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here, and
+``${lookup:table,key}``, which the experiment grids use to pick a cell's learning rate from a published table.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fwdgrad.errors import ConfigError, RunError, UserError
 
-__all__ = ["EntryExit", "hydra_task", "objective_value", "one_paragraph", "run_cli", "run_hydra"]
+__all__ = ["EntryExit", "hydra_task", "lookup", "objective_value", "one_paragraph", "run_cli", "run_hydra"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,20 @@ if not OmegaConf.has_resolver("pid"):
     # The process id, for unique run directories; cached, so a sweep's jobs (joblib workers included, which
     # receive the parent's resolver cache) share the sweep directory of the process that launched them.
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
+
+
+def lookup(table: Any, key: Any) -> Any:
+    """``${lookup:${some.table},${some.key}}``: ``table[key]``, for the per-cell values of an experiment grid
+    (e.g. a published learning rate per network width). Integer keys match their text and vice versa."""
+    for candidate in (key, str(key), int(key) if str(key).lstrip("-").isdigit() else None):
+        if candidate is not None and candidate in table:
+            return table[candidate]
+    raise ConfigError(f"${{lookup:...}}: the table has no entry {key!r}; its keys are {', '.join(map(str, table))}. "
+                      "Choose one of them, or set the looked-up value directly on the command line.")
+
+
+if not OmegaConf.has_resolver("lookup"):
+    OmegaConf.register_new_resolver("lookup", lookup)
 
 
 class EntryExit(SystemExit):

@@ -11,6 +11,9 @@ The training loop writes these (:mod:`fwdgrad.training.recorder`), ``compare.py`
     <run>/tb/                  TensorBoard scalars TB_TAGS (the same names as the history columns)
     <run>/model.pt             the model's state_dict, the resolved config, step and epoch (after every epoch)
     <run>/plots.png            loss/accuracy curves and misclassified held-out images
+
+``global_optim.py`` writes ``metrics.json`` (OPTIM_METRIC_KEYS) and ``history.csv`` too, for its estimator under
+test; there ``train/loss`` is the optimality gap ``f(x_t) - f*`` (:func:`fwdgrad.optimize.write_run_files`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "HISTORY_FILE",
     "METRICS_FILE",
     "METRIC_KEYS",
+    "OPTIM_METRIC_KEYS",
     "PLOTS_FILE",
     "STOP_REASONS",
     "StopReason",
@@ -55,6 +59,12 @@ METRIC_KEYS = (
     "stop_detail", "estimator", "dataset", "model", "device",
 )
 
+#: Keys every ``metrics.json`` of a global-optimisation run has (f values, their gaps to the minimum f*).
+OPTIM_METRIC_KEYS = (
+    "final_value", "best_value", "min_value", "final_gap", "best_gap", "distance_to_minimum", "steps",
+    "wall_time_s", "step_time_ms", "stopped", "estimator", "function", "dim",
+)
+
 
 class StopReason(str, enum.Enum):
     """Why training ended; ``metrics.json["stopped"]`` holds the value (a plain string)."""
@@ -63,6 +73,7 @@ class StopReason(str, enum.Enum):
     MAX_STEPS = "max_steps"  #: ``optimization.max_steps`` optimizer steps were taken before the last epoch ended
     LOSS_THRESHOLD = "loss_threshold"  #: a logging window's mean training loss fell below the threshold
     NON_FINITE_LOSS = "non_finite_loss"  #: a logging window's mean training loss was nan or inf
+    EARLY_STOPPING = "early_stopping"  #: global_optim: ``early_stopping_patience`` steps without a decrease of f
 
 
 #: Values of ``metrics.json["stopped"]``.
