@@ -16,7 +16,7 @@ from estimator_problems import DT, Z, flat
 
 from fwdgrad import ForwardGradient
 from fwdgrad.config import threads
-from fwdgrad.estimators import AGGREGATIONS, aggregate
+from fwdgrad.estimators import AGGREGATIONS, AggregationInput, aggregate
 from fwdgrad.estimators.aggregation import PROJECTION_WARN_RATIO, advice_for
 from fwdgrad.estimators.selection import TOP_K_MARGIN
 
@@ -35,7 +35,8 @@ def _problem(k: int, seed: int = 0, scale: float = 1.0):
 
 def test_new_rules_are_registered_after_the_built_ins():
     assert list(AGGREGATIONS)[:3] == ["mean", "sum", "projection"]
-    assert {"scaled_projection", "mean_times_dim", "max", "max_normalized", "mean_of_top_k"} <= set(AGGREGATIONS)
+    assert {"scaled_projection", "orthogonal_projection", "mean_times_dim", "max", "max_normalized",
+            "mean_of_top_k"} <= set(AGGREGATIONS)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -55,6 +56,16 @@ def test_each_rule_is_its_formula(k):
     }
     for name, g in expected.items():
         torch.testing.assert_close(flat(aggregate(name, tangents, d)), g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_orthogonal_projection_is_projection_and_frogs_first_n_for_k_above_n():
+    tangents, B, a, d = _problem(5)
+    torch.testing.assert_close(flat(aggregate("orthogonal_projection", tangents, d)),
+                               flat(aggregate("projection", tangents, d)))
+    tangents, B, a, d = _problem(11, seed=4)  # k = 11 > n = 8: the first 8 tangents span R^8, so g = a
+    c = AGGREGATIONS["orthogonal_projection"](AggregationInput(tangents, d))
+    assert bool((c[8:] == 0).all())
+    torch.testing.assert_close(flat(aggregate("orthogonal_projection", tangents, d)), a, rtol=1e-8, atol=1e-10)
 
 
 def test_max_and_max_normalized_pick_different_tangents_when_lengths_differ():

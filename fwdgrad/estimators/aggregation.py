@@ -11,6 +11,7 @@ tensor):
                                          grad f onto U = span(B): exact when k = n, residual orthogonal to every
                                          v_i. For isotropic tangents E[P_U] = (k/n) I: its steps are k/n of the
                                          mean's (a warning says so when k << n)
+* ``orthogonal_projection``: frog's name; ``projection``, and for k > n the projection onto the first n tangents
 * ``scaled_projection``: c = (n/k) (B^T B)^{-1} d    g = (n/k) P_U grad f: unbiased for isotropic tangents
 * ``mean_times_dim``: c = n d / k        g = (n/k) B d (frog's name): n grad f in expectation
 
@@ -60,6 +61,7 @@ __all__ = [
     "mean",
     "sum_",
     "projection",
+    "orthogonal_projection",
     "scaled_projection",
     "mean_times_dim",
     "with_advice",
@@ -215,6 +217,19 @@ def projection(x: AggregationInput) -> Tensor:
             f"num_tangents={x.k}. With k = n the projection is already exact."
         )
     return solve_gram(x.gram, x.d)
+
+
+@register_aggregation("orthogonal_projection")
+@with_advice(_projection_advice)
+def orthogonal_projection(x: AggregationInput) -> Tensor:
+    """frog's ``orthogonal_projection``: ``projection``, and for k > n the projection onto the first n tangents
+    (``c_i = 0`` for i > n), which is then ``grad f`` exactly if they are independent (``projection`` refuses k > n).
+    """
+    if x.k <= x.n:
+        return projection(x)
+    c = torch.zeros(x.k, dtype=torch.float64, device=x.d.device)
+    c[: x.n] = solve_gram(x.gram[: x.n, : x.n], x.d[: x.n])
+    return c
 
 
 @register_aggregation("scaled_projection")
