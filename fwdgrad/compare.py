@@ -3,9 +3,9 @@
 A run directory is what the MNIST training scripts (or ``global_optim.py``) write; its files and columns are
 defined once, in :mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json``
 and ``history.csv``). A global-optimisation run gets its own columns (final and best f(x), the gap to f*, the
-distance to the minimum); its curve is that gap, in the history's ``train/loss`` column. ``metrics.json`` is written when training ends, so a directory holds a finished run exactly
-when it holds that file; sweeps (``-m``) hold one run per numbered sub-directory and are found by searching
-recursively.
+distance to the minimum); its curve is that gap, in the history's ``train/loss`` column. ``metrics.json`` is
+written when a run ends, so a directory holds a finished run exactly when it holds that file; sweeps (``-m``)
+hold one run per numbered sub-directory and are found by searching recursively.
 
 Runs are labelled by what differs among the compared configs: the configs are flattened to dotted keys and
 the keys whose values are not all equal make up the labels (``gradient=ForwardGradient k=4 lr=0.001``).

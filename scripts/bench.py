@@ -84,7 +84,8 @@ class Variant:
         if self.name != "fg":
             return self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
-        return f"fg {self.distribution} k={self.k}" + (" (torch.func)" if self.backend == "func" else suffix)
+        backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
+        return f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
 
 
 @dataclass
@@ -116,9 +117,11 @@ def build_model(name: str, quick: bool) -> nn.Module:
     raise BenchError(f"unknown model {name!r}; use --models with mlp and/or convnet (comma separated).")
 
 
-def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int]) -> List[Variant]:
+def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
+             sim_ks: Sequence[int] = ()) -> List[Variant]:
     out = [Variant("forward"), Variant("backprop")]
     out += [Variant("fg", "normal", k, "func") for k in func_ks]
+    out += [Variant("fg", "normal", k, "simulated") for k in sim_ks]  # frog's simfg: same estimate, for studies
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
     if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
         out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
@@ -561,6 +564,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="k values also run on the torch.func reference path (normal tangents); the conv net "
                         "gets only k=1 there unless --func-convnet")
     p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
+    p.add_argument("--simulated-ks", default="16", help="k values also run as the simulated forward gradient "
+                   "(backend='simulated': a backprop gradient projected on the tangents; normal tangents)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (samples per row)")
     p.add_argument("--min-sample-ms", type=float, default=30.0)
     p.add_argument("--group-budget-s", type=float, default=60.0,
@@ -582,7 +587,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.ks, args.func_ks = "8", "1,2", "1,2"
+        args.batches, args.ks, args.func_ks, args.simulated_ks = "8", "1,2", "1,2", "2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -621,7 +626,7 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     for m in models:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
-        vs = variants(ks, dists, fks)
+        vs = variants(ks, dists, fks, _ints(args.simulated_ks, "simulated-ks"))
         for b in batches:
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)

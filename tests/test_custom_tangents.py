@@ -118,5 +118,6 @@ def test_selected_from_the_real_configs_with_their_settings():
     assert est.describe()["distribution"] == "angle(angle=30)" and est.num_tangents == 4
     cfg = compose_cfg("global_optim", ["gradient.distribution=varying_length"])
     assert instantiate(cfg.gradient).describe()["distribution"] == "varying_length"
-    cfg = compose_cfg("global_optim", ["gradient.distribution={_target_:fwdgrad.estimators.VaryingLength,max_length:8}"])
+    node = "{_target_:fwdgrad.estimators.VaryingLength,max_length:8}"
+    cfg = compose_cfg("global_optim", [f"gradient.distribution={node}"])
     assert instantiate(cfg.gradient).tangent_distribution.max_length == 8

@@ -29,7 +29,8 @@ def test_angle_experiment_writes_the_cosine_vs_angle_figure(tmp_path):
     result = run_approx_quality(cfg, output_dir=tmp_path)
     df = pd.read_csv(tmp_path / "approx_quality.csv")
     assert set(df["distribution"]) == {"normal", "angle(angle=15)", "angle(angle=90)"}
-    assert sorted(df["angle"].dropna().unique()) == [15.0, 90.0] and df[df.distribution == "normal"]["angle"].isna().all()
+    assert sorted(df["angle"].dropna().unique()) == [15.0, 90.0]
+    assert df[df.distribution == "normal"]["angle"].isna().all()
     assert (tmp_path / "cosine_vs_angle.png").stat().st_size > 20_000
     assert "cos/gaussian n=64/angle(angle=15)/projection/k=4" in result
     # the projection depends only on the span: the same draws give the same cosines at every angle
