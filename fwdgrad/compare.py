@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -101,8 +102,10 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return list(found)
 
 
-def _natural_key(p: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in p.parts]
+def _natural_key(p: Path) -> list[list[Any]]:
+    # each path part split into text and numbers ("10_lr=0.1" -> ["", 10, "_lr=0.", 1, ""]): job 2 before job 10
+    # also when the job's directory name goes on after its number (Hydra's "<num>_<overrides>")
+    return [[int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", part))] for part in p.parts]
 
 
 def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
