@@ -34,9 +34,20 @@ from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.rng import ChunkedRNG
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, TangentDistribution, TangentDraw
 
-__all__ = ["ForwardGradient"]
+__all__ = ["ForwardGradient", "resolve_distribution"]
 
 log = logging.getLogger(__name__)
+
+
+def resolve_distribution(distribution: Union[str, TangentDistribution]) -> Tuple[str, TangentDistribution]:
+    """``(name, distribution)`` for a registered name or a :class:`TangentDistribution` object (named by its
+    ``str``, e.g. ``angle(angle=30)``); :class:`ConfigError` for anything else."""
+    if isinstance(distribution, str):
+        return distribution, TANGENT_DISTRIBUTIONS.lookup(distribution)
+    if isinstance(distribution, TangentDistribution):
+        return str(distribution), distribution
+    raise ConfigError(f"distribution must be a registered name ({', '.join(TANGENT_DISTRIBUTIONS)}) or a "
+                      f"TangentDistribution, got {distribution!r}.")
 
 
 class ForwardGradient(GradientEstimator):
@@ -85,13 +96,7 @@ class ForwardGradient(GradientEstimator):
             )
         self.num_tangents = num_tangents
         self.aggregation, self.rule = aggregation, AGGREGATIONS.lookup(aggregation)
-        if isinstance(distribution, str):
-            self.distribution, self.tangent_distribution = distribution, TANGENT_DISTRIBUTIONS.lookup(distribution)
-        elif isinstance(distribution, TangentDistribution):
-            self.distribution, self.tangent_distribution = str(distribution), distribution
-        else:
-            raise ConfigError(f"distribution must be a registered name ({', '.join(TANGENT_DISTRIBUTIONS)}) or a "
-                              f"TangentDistribution, got {distribution!r}.")
+        self.distribution, self.tangent_distribution = resolve_distribution(distribution)
         self.seed = int(seed)
         self.dispatch = BackendDispatch(backend)
         self.memory = TangentMemoryPolicy(num_tangents, regenerate_tangents, max_tangent_mib)
