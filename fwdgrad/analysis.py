@@ -55,8 +55,17 @@ from torch import Tensor
 from fwdgrad.config import build
 from fwdgrad.errors import ConfigError
 from fwdgrad.engine import Regenerated
-from fwdgrad.estimators import (AGGREGATIONS, DirectionalEstimator, LossFn, Params, ZerothOrder,
-                                aggregate, check_seed)
+from fwdgrad.estimators import (
+    AGGREGATIONS,
+    TANGENT_DISTRIBUTIONS,
+    DirectionalEstimator,
+    LossFn,
+    Params,
+    TangentDistribution,
+    ZerothOrder,
+    aggregate,
+    check_seed,
+)
 from fwdgrad.rundir import claim_output_dir
 from fwdgrad.schema import ApproxQualityConfig, validate_config
 
@@ -82,9 +91,11 @@ log = logging.getLogger(__name__)
 #: What a source factory returns: ``(name, true gradient)`` pairs, the gradient a Tensor or a dict of Tensors
 #: shaped like a model's parameters (structured tangents, e.g. for weight matrices, see those shapes).
 GradientSource = list[tuple[str, Params]]
+#: A tangent distribution: a registered name, or an object (a distribution with settings, e.g. FixedAngle(30)).
+Distribution = str | TangentDistribution
 #: ``make_estimator(num_tangents, aggregation, distribution) -> estimator`` (a DirectionalEstimator: forward gradient
 #: or zeroth order)
-EstimatorFactory = Callable[[int, str, str], DirectionalEstimator]
+EstimatorFactory = Callable[[int, str, Distribution], DirectionalEstimator]
 
 QUANTILES = (0.05, 0.5, 0.95)
 _SPLITTING_AGGREGATIONS = ("mean", "sum")  # same direction, sum = k * mean
@@ -267,7 +278,7 @@ def sample_quality(
     make_estimator: EstimatorFactory,
     grad: Params,
     num_tangents: int,
-    distribution: str,
+    distribution: Distribution,
     aggregations: Sequence[str],
     num_samples: int,
     zeroth_order: ZerothOrder | None = None,
@@ -320,12 +331,19 @@ def _summary(prefix: str, x: np.ndarray) -> dict[str, float]:
     return out
 
 
+def distribution_options(dist: Distribution) -> dict[str, float]:
+    """A distribution's settings (``{"angle": 30.0}`` for angle tangents; ``{}`` for most), by name or object."""
+    obj = TANGENT_DISTRIBUTIONS.lookup(dist) if isinstance(dist, str) else dist
+    options = getattr(obj, "options", None)
+    return dict(options()) if callable(options) else {}
+
+
 def approx_quality_table(
     source: GradientSource,
     make_estimator: EstimatorFactory,
     num_tangents: Sequence[int],
     aggregations: Sequence[str],
-    distributions: Sequence[str],
+    distributions: Sequence[Distribution],
     num_samples: int,
     make_zeroth_order: Callable[[int], ZerothOrder] | None = None,
 ) -> pd.DataFrame:
@@ -335,6 +353,7 @@ def approx_quality_table(
     a source (the estimator raises ``ValueError``, e.g. structured tangents on a flat vector) is skipped for
     that source with a warning. The ``*_gaussian`` columns are the exact expectations for Gaussian tangents.
     ``make_zeroth_order(k)``, if given, adds the ``zo_cos_*`` and ``zo_fg_cos_*`` columns (:func:`sample_quality`).
+    A distribution's settings (e.g. ``angle``) are columns of their own (empty for the others).
     """
     rows: list[dict[str, Any]] = []
     for name, grad in source:
@@ -352,8 +371,8 @@ def approx_quality_table(
                     break
                 for agg, s in samples.items():
                     row: dict[str, Any] = {
-                        "source": name, "n": n, "distribution": dist, "aggregation": agg, "k": k,
-                        "samples": num_samples,
+                        "source": name, "n": n, "distribution": str(dist), "aggregation": agg, "k": k,
+                        "samples": num_samples, **distribution_options(dist),
                     }
                     row.update(_summary("cos", s.cosine))
                     row.update(_summary("ratio", s.norm_ratio))
@@ -374,7 +393,7 @@ def approx_quality_table(
 def _estimator_factory(gradient_cfg: DictConfig) -> EstimatorFactory:
     """Build estimators from the ``gradient`` config group, overriding k, aggregation and distribution."""
 
-    def make(num_tangents: int, aggregation: str, distribution: str) -> DirectionalEstimator:
+    def make(num_tangents: int, aggregation: str, distribution: Distribution) -> DirectionalEstimator:
         try:
             est = build(gradient_cfg, "gradient", num_tangents=int(num_tangents), aggregation=aggregation,
                         distribution=distribution)
@@ -422,11 +441,19 @@ def _log_table(df: pd.DataFrame) -> None:
              table.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-"))
 
 
+def _distribution(node: Any, i: int) -> Distribution:
+    """An entry of ``distributions``: a registered name, or a node with ``_target_`` (e.g. FixedAngle)."""
+    if isinstance(node, str):
+        return node
+    return build(node, f"distributions[{i}]", expected=TangentDistribution)
+
+
 def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[str, float]:
     """Run the approximation-quality experiment of ``configs/approx_quality.yaml``.
 
     Writes ``approx_quality.csv``, ``cosine_vs_k.png`` and ``norm_ratio_vs_k.png`` into ``output_dir``
-    (default: Hydra's run directory) and returns the mean cosine of every row, keyed
+    (default: Hydra's run directory), and ``cosine_vs_angle.png`` when some tangents have an ``angle`` (frog's
+    Sec. 4.3: ``+experiment=frog_quality/angles``), and returns the mean cosine of every row, keyed
     ``cos/<source>/<distribution>/<aggregation>/k=<k>``.
     """
     validate_config(cfg, ApproxQualityConfig, "approx_quality.py")
@@ -446,7 +473,7 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     if int(cfg.num_samples) < 2:
         raise ConfigError(f"num_samples must be >= 2 (spread needs two draws), got {cfg.num_samples}.")
     aggregations = list(cfg.aggregations)
-    distributions = list(cfg.distributions)
+    distributions = [_distribution(node, i) for i, node in enumerate(cfg.distributions)]
     make = _estimator_factory(cfg.gradient)
     make_zo = _zeroth_order_factory(cfg.get("zeroth_order"))
     for agg in aggregations:  # fail fast on a typo, before any work
@@ -467,15 +494,18 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
         torch.set_num_threads(threads_before)
     if df.empty:
         raise ConfigError("no combination of source, distribution and aggregation could be measured.")
-    from fwdgrad.plots import plot_cosine_vs_k, plot_norm_ratio_vs_k  # plots imports this module
+    from fwdgrad.plots import plot_cosine_vs_angle, plot_cosine_vs_k, plot_norm_ratio_vs_k  # plots imports us
 
     output_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(output_dir / "approx_quality.csv", index=False)
-    plot_cosine_vs_k(df, output_dir / "cosine_vs_k.png")
-    plot_norm_ratio_vs_k(df, output_dir / "norm_ratio_vs_k.png")
+    files = ["approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png"]
+    plot_cosine_vs_k(df, output_dir / files[1])
+    plot_norm_ratio_vs_k(df, output_dir / files[2])
+    if "angle" in df and df["angle"].notna().any():
+        files.append("cosine_vs_angle.png")
+        plot_cosine_vs_angle(df, output_dir / files[-1])
     _log_table(df)
-    log.info("wrote %s", ", ".join(str(output_dir / f) for f in
-                                   ("approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png")))
+    log.info("wrote %s", ", ".join(str(output_dir / f) for f in files))
     return {
         f"cos/{r.source}/{r.distribution}/{r.aggregation}/k={r.k}": float(r.cos_mean)
         for r in df.itertuples(index=False)

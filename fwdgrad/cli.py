@@ -23,6 +23,11 @@ and behave alike:
   stops at once (``KeyboardInterrupt``), exits with status 130;
 * anything else is a bug: its traceback is logged and the process exits with status 1.
 
+A sweeper that optimises (``hydra/sweeper=lr_search``, Hydra's Optuna plugin) needs one number per job: when the
+config has a top-level ``objective`` (the lr_search config sets ``objective: final_test_loss``), the task returns
+that entry of the task's result instead of the whole dict, and ``+inf`` for a run that failed or whose value is
+not finite (frog's convention: a diverged learning rate is the worst, not an error that stops the study).
+
 Argparse scripts use :func:`run_cli`: ``prog: error: message`` on stderr and status 2 (as argparse does for a
 bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
 
@@ -31,17 +36,20 @@ Run directories: every Hydra script includes ``configs/hydra/default.yaml``, whi
 so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here, and
 so is the callback that file installs, :class:`RunDirGuard`: a run directory given by hand
 (``hydra.run.dir=...``) that already holds files is refused before Hydra writes into it, unless the config says
-``overwrite=true`` (:mod:`fwdgrad.rundir`).
+``overwrite=true`` (:mod:`fwdgrad.rundir`). So is ``${lookup:table,key}``, which the experiment grids use to pick
+a cell's learning rate from a published table.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from pathlib import Path
 
@@ -52,7 +60,8 @@ from omegaconf.errors import OmegaConfBaseException
 from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
 from fwdgrad.rundir import claim_run_dir
 
-__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "one_paragraph", "run_cli", "run_hydra"]
+__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "lookup", "objective_value", "one_paragraph", "run_cli",
+           "run_hydra"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +70,20 @@ if not OmegaConf.has_resolver("pid"):
     # The process id, for unique run directories; cached, so a sweep's jobs (joblib workers included, which
     # receive the parent's resolver cache) share the sweep directory of the process that launched them.
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
+
+
+def lookup(table: Any, key: Any) -> Any:
+    """``${lookup:${some.table},${some.key}}``: ``table[key]``, for the per-cell values of an experiment grid
+    (e.g. a published learning rate per network width). Integer keys match their text and vice versa."""
+    for candidate in (key, str(key), int(key) if str(key).lstrip("-").isdigit() else None):
+        if candidate is not None and candidate in table:
+            return table[candidate]
+    raise ConfigError(f"${{lookup:...}}: the table has no entry {key!r}; its keys are {', '.join(map(str, table))}. "
+                      "Choose one of them, or set the looked-up value directly on the command line.")
+
+
+if not OmegaConf.has_resolver("lookup"):
+    OmegaConf.register_new_resolver("lookup", lookup)
 
 
 class EntryExit(SystemExit):
@@ -90,17 +113,41 @@ def _job_name(default: str) -> str:
     return HydraConfig.get().job.name if HydraConfig.initialized() else default
 
 
-def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional[T]]:
+def _objective_key(cfg: Any) -> Optional[str]:
+    """The config's ``objective`` (what to return to an optimising sweeper), or None."""
+    return cfg.get("objective") if isinstance(cfg, (DictConfig, Mapping)) else None
+
+
+def objective_value(cfg: DictConfig, result: Any) -> float:
+    """``result[cfg.objective]`` as a float for an optimising sweeper; ``+inf`` when it is missing or not finite.
+
+    Raises :class:`ConfigError` when ``objective`` names no entry of the result.
+    """
+    key = _objective_key(cfg)
+    if not isinstance(result, Mapping) or key not in result:
+        numbers = result.items() if isinstance(result, Mapping) else ()
+        keys = ", ".join(str(k) for k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"objective={key!r} is not a result of this script; it returns: {keys or 'no numbers'}. "
+                          "Set objective to one of them (e.g. objective=final_test_loss).")
+    value = result[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        log.warning("objective %s = %r is not a finite number: reported to the sweeper as +inf", key, value)
+        return math.inf
+    return float(value)
+
+
+def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Union[T, float, None]]:
     """Wrap a Hydra task function with the shared error handling and timing (module docstring)."""
 
     @functools.wraps(fn)
-    def task(cfg: DictConfig) -> Optional[T]:
+    def task(cfg: DictConfig) -> Union[T, float, None]:
         t0 = time.perf_counter()
         status = "failed"
         try:
             result = fn(cfg)
+            value = objective_value(cfg, result) if _objective_key(cfg) is not None else result
             status = "finished"
-            return result
+            return value
         except UserError as err:
             log.error("%s", one_paragraph(err))
             raise EntryExit(err.exit_code) from None
@@ -113,8 +160,8 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Optional
             raise EntryExit(err.exit_code) from None  # a user who stops a job means the whole sweep
         except RunError as err:
             log.error("%s", one_paragraph(err))
-            if _in_multirun():
-                return None  # this job failed (its files are kept); the sweep goes on
+            if _in_multirun():  # this job failed (its files are kept); the sweep goes on
+                return math.inf if _objective_key(cfg) is not None else None
             raise EntryExit(err.exit_code) from None
         except KeyboardInterrupt:
             status = "interrupted"

@@ -1,9 +1,11 @@
 """Side-by-side comparison of training runs: one figure, one markdown table, runs labelled by their configs.
 
-A run directory is what the MNIST training scripts write; its files and columns are defined once, in
-:mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json``, ``run.json`` and
-``history.csv``). ``metrics.json`` is written when training ends, also when it ends early (``stopped`` says why:
-interrupted, non-finite loss, ...); ``run.json`` is written when it starts. A directory with ``run.json`` but no
+A run directory is what the MNIST training scripts (or ``global_optim.py``) write; its files and columns are
+defined once, in :mod:`fwdgrad.training.run_files` (this module reads ``.hydra/config.yaml``, ``metrics.json``,
+``run.json`` and ``history.csv``). A global-optimisation run gets its own columns (final and best f(x), the gap
+to f*, the distance to the minimum); its curve is that gap, in the history's ``train/loss`` column.
+``metrics.json`` is written when a run ends, also when it ends early (``stopped`` says why: interrupted,
+non-finite loss, ...); ``run.json`` is written when a training run starts. A directory with ``run.json`` but no
 ``metrics.json`` holds an *unfinished* run (killed, e.g. by SIGKILL or a machine failure, or still running): it is
 listed with ``stopped`` = ``unfinished`` (or ``running``, when its process is alive on this host), the steps its
 ``history.csv`` reached, and its curves so far. Sweeps (``-m``) hold one run per numbered sub-directory and are
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterable, Sequence
@@ -62,7 +65,7 @@ KEY_ALIASES = {
     "optimization.learning_rate": "lr",
 }
 _RUN_HELP = (
-    "A run directory is what mnist_fwdgrad.py / mnist_backprop.py write when training ends "
+    "A run directory is what mnist_fwdgrad.py / mnist_backprop.py (or global_optim.py) write when a run ends "
     "(outputs/mnist_fwdgrad/<timestamp>/, or one numbered sub-directory per job of a -m sweep) and holds "
     f"{METRICS_FILE}, {HISTORY_FILE} and {CONFIG_FILE}. Pass such a directory or any parent of several; a run "
     f"that was killed before it could write {METRICS_FILE} is listed as unfinished (it has {RUN_STATUS_FILE})."
@@ -112,8 +115,10 @@ def _is_run_dir(p: Path) -> bool:
     return (p / METRICS_FILE).is_file() or (p / RUN_STATUS_FILE).is_file()
 
 
-def _natural_key(p: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in p.parts]
+def _natural_key(p: Path) -> list[list[Any]]:
+    # each path part split into text and numbers ("10_lr=0.1" -> ["", 10, "_lr=0.", 1, ""]): job 2 before job 10
+    # also when the job's directory name goes on after its number (Hydra's "<num>_<overrides>")
+    return [[int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", part))] for part in p.parts]
 
 
 def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -252,6 +257,8 @@ def default_run_dirs(roots: Sequence[str | Path] = ("outputs",)) -> list[Path]:
     for m in metrics_files:
         run = m.parent
         try:
+            if "final_value" in json.loads(m.read_text()):
+                continue  # a global_optim.py run: the default compares training runs
             target = str(flatten_config(OmegaConf.load(run / CONFIG_FILE)).get("gradient._target_", "?"))
         except Exception:
             continue  # unreadable runs are not candidates for the default choice
@@ -353,12 +360,34 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-TABLE_COLUMNS = ("run", "final test acc", "best test acc", "final train loss", "steps", "epochs",
-                 "time/step (ms)", "wall time (s)", "peak memory (MB)", "estimator", "stopped", "directory")
+#: ``(header, metrics.json key, format)`` of the numeric columns, for training runs and for global-optimisation
+#: runs (``global_optim.py``, whose metrics hold ``final_value``); a table has the columns of the kinds it shows.
+TRAINING_CELLS = (
+    ("final test acc", "final_test_accuracy", ".4f"), ("best test acc", "best_test_accuracy", ".4f"),
+    ("final train loss", "final_train_loss", ".4f"), ("steps", "steps", ".0f"), ("epochs", "epochs_completed", "g"),
+    ("time/step (ms)", "step_time_ms", ".2f"), ("wall time (s)", "wall_time_s", ".1f"),
+    ("peak memory (MB)", "peak_memory_mb", ".1f"),
+)
+OPTIM_CELLS = (
+    ("final f(x)", "final_value", ".6g"), ("best f(x)", "best_value", ".6g"), ("final f(x) - f*", "final_gap", ".3e"),
+    ("distance to minimum", "distance_to_minimum", ".3e"), ("steps", "steps", ".0f"),
+    ("time/step (ms)", "step_time_ms", ".3f"), ("wall time (s)", "wall_time_s", ".1f"),
+)
+TABLE_COLUMNS = ("run", *(h for h, _, _ in TRAINING_CELLS), "estimator", "stopped", "directory")
+
+
+def _cells(runs: Sequence[Run]) -> list[tuple[str, str, str]]:
+    """The numeric columns for these runs: training columns, then those of optimisation runs not yet there."""
+    optim = [("final_value" in r.metrics) for r in runs]
+    cells = list(TRAINING_CELLS) if not all(optim) else []
+    if any(optim):
+        cells += [c for c in OPTIM_CELLS if c[0] not in {h for h, _, _ in cells}]
+    return cells
 
 
 def markdown_table(runs: Sequence[Run], relative_to: Path | None = None) -> str:
     """A markdown table, one row per run (labels from :func:`label_runs`)."""
+    cells = _cells(runs)
     rows = []
     for r in runs:
         m = r.metrics
@@ -369,14 +398,9 @@ def markdown_table(runs: Sequence[Run], relative_to: Path | None = None) -> str:
             except ValueError:
                 pass
         stopped = m.get("stopped")
-        rows.append([
-            r.label, _num(m.get("final_test_accuracy"), ".4f"), _num(m.get("best_test_accuracy"), ".4f"),
-            _num(m.get("final_train_loss"), ".4f"), _num(m.get("steps"), ".0f"),
-            _num(m.get("epochs_completed"), "g"), _num(m.get("step_time_ms"), ".2f"),
-            _num(m.get("wall_time_s"), ".1f"), _num(m.get("peak_memory_mb"), ".1f"), _estimator_text(m),
-            "" if stopped in (None, False, "") else str(stopped), str(path),
-        ])
-    columns = list(TABLE_COLUMNS)
+        rows.append([r.label, *(_num(m.get(key), fmt) for _, key, fmt in cells), _estimator_text(m),
+                     "" if stopped in (None, False, "") else str(stopped), str(path)])
+    columns = ["run", *(h for h, _, _ in cells), "estimator", "stopped", "directory"]
     stop_col = columns.index("stopped")
     if not any(row[stop_col] for row in rows):  # the column only when some run stopped early
         columns.pop(stop_col)

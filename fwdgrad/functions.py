@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from collections.abc import Sequence
-from typing import List, Optional, Tuple
+from collections.abc import Mapping, Sequence
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,10 +29,14 @@ __all__ = ["TestFunction", "Beale", "Rosenbrock", "Sphere", "StyblinskiTang"]
 
 @dataclass
 class TestFunction:
-    """A test function: callable on ``x`` (shape ``(dim,)``), with its dimension, minima and a start point."""
+    """A test function: callable on ``x`` (shape ``(dim,)``), with its dimension, minima and a start point.
+
+    ``start``: None (the function's default), a list of ``dim`` numbers, or ``{first: a, rest: b}`` for
+    ``(a, b, ..., b)`` in any dimension (frog's starts: ``{first: -1, rest: 0}`` for Rosenbrock).
+    """
 
     dim: int = 2
-    start: Optional[List[float]] = None
+    start: Optional[Union[List[float], Mapping[str, float]]] = None
     #: Plot window for 2-D contour plots: ((xmin, xmax), (ymin, ymax)).
     bounds: Tuple[Tuple[float, float], Tuple[float, float]] = field(default=((-2.0, 2.0), (-2.0, 2.0)))
 
@@ -41,6 +45,8 @@ class TestFunction:
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim < 1:
             raise ValueError(f"dim must be an integer >= 1, got {self.dim!r}.")
+        if isinstance(self.start, Mapping):
+            self.start = _first_and_rest(self.start, self.dim)
         if self.start is not None:
             if isinstance(self.start, (str, bytes)) or not isinstance(self.start, Sequence):
                 raise ValueError(f"start must be a list of {self.dim} numbers (e.g. start=[1.0,1.5]), "
@@ -82,6 +88,14 @@ class TestFunction:
     def minima_tensor(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """The global minimisers as one ``(num_minima, dim)`` tensor (for vectorised distances)."""
         return torch.tensor(self.minima, dtype=dtype)
+
+
+def _first_and_rest(spec: Mapping[str, float], dim: int) -> List[float]:
+    """``{first: a, rest: b}`` -> ``[a, b, ..., b]`` (``dim`` values)."""
+    if set(spec) != {"first", "rest"}:
+        raise ValueError(f"start as a mapping needs exactly the keys first and rest (start={{first: -1.0, rest: "
+                         f"0.0}}), got {dict(spec)!r}.")
+    return [spec["first"]] + [spec["rest"]] * (dim - 1)
 
 
 @dataclass

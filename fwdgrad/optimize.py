@@ -14,7 +14,12 @@ For the forward gradient ``E[g_t] = grad f(x_t)``; for backprop ``g_t = grad f(x
 
 :func:`run_global_optim` takes the composed Hydra config (``configs/global_optim.yaml``) and writes, into the
 run directory, TensorBoard scalars per estimator, ``summary.json``, ``loss.png`` and (2-D only)
-``trajectories.png``. It returns the summary.
+``trajectories.png``, and the training runs' contract (:mod:`fwdgrad.training.run_files`: ``metrics.json``,
+``history.csv``) for the estimator under test, so that ``compare.py`` tabulates a sweep of these runs too. It
+returns the summary.
+
+``early_stopping_patience: N`` stops a run after N consecutive steps without a decrease of ``f`` (frog's rule for
+its closed-form functions, N = 50).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from fwdgrad.estimators import GradientEstimator, check_seed
 from fwdgrad.rundir import claim_output_dir
 from fwdgrad.schema import GlobalOptimConfig, validate_config
 from fwdgrad.functions import TestFunction
+from fwdgrad.training.run_files import HISTORY_COLUMNS, HISTORY_FILE, METRICS_FILE, StopReason
 
 __all__ = ["ConfigError", "OptimResult", "estimator_label", "optimise", "run", "run_global_optim"]
 
@@ -66,6 +72,15 @@ class OptimResult:
     wall_time_s: float = 0.0
     diverged: bool = False
     message: Optional[str] = None
+    early_stopped: bool = False  #: stopped by ``early_stopping_patience`` (not part of :meth:`summary`)
+    times: List[float] = field(default_factory=list)  #: seconds from the start to each value in ``values``
+
+    @property
+    def stop(self) -> StopReason:
+        """Why the run ended, in the training runs' vocabulary."""
+        if self.diverged:
+            return StopReason.NON_FINITE_LOSS
+        return StopReason.EARLY_STOPPING if self.early_stopped else StopReason.COMPLETED
 
     def summary(self) -> Dict[str, Any]:
         """The JSON-ready record of this run (no per-step arrays)."""
@@ -114,11 +129,13 @@ def optimise(
     label: str = "",
     role: str = "",
     progress: bool = False,
+    patience: Optional[int] = None,
 ) -> OptimResult:
     """Run ``iterations`` optimizer steps on ``function`` from ``start`` with gradients from ``estimator``.
 
     A non-finite ``f(x_t)`` stops the run: the result is marked ``diverged`` with a message, and its final
-    point/value are the last iterate whose value was finite; what was logged so far stays logged.
+    point/value are the last iterate whose value was finite; what was logged so far stays logged. With
+    ``patience`` N, N consecutive steps with ``f(x_{t+1}) >= f(x_t)`` stop it early (``early_stopped``).
 
     Args:
         function: the objective, ``f(x)`` for ``x`` of shape ``(dim,)``.
@@ -133,15 +150,16 @@ def optimise(
         record_path: keep every iterate (for 2-D trajectory plots).
         label, role: names carried into the result and the progress bar.
         progress: show a tqdm bar (only when stderr is a terminal).
+        patience: early stopping after this many steps without a decrease of f (None: never).
     """
     trace = _Trace(function, start, iterations, writer, log_every, record_path)
     optimizer = make_optimizer([trace.x])
     scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
     bar = tqdm(range(iterations), desc=label, disable=None if progress else True, leave=False, mininterval=0.5)
     t0 = time.perf_counter()
-    steps, bad = _descend(trace, estimator, optimizer, scheduler, bar)
-    if bad is None:  # all T steps taken: f(x_T) is the value the summary reports
-        bad = trace.finish()
+    steps, bad = _descend(trace, estimator, optimizer, scheduler, bar, patience)
+    if bad is None:  # no non-finite value: f(x_steps) is the value the summary reports
+        bad = trace.finish(steps)
     wall = time.perf_counter() - t0
     bar.close()
     message = None if bad is None else _divergence_message(label, start, iterations, optimizer, *bad)
@@ -160,6 +178,8 @@ def optimise(
         wall_time_s=wall,
         diverged=message is not None,
         message=message,
+        early_stopped=bad is None and steps < iterations,
+        times=trace.times,
     )
 
 
@@ -175,6 +195,8 @@ class _Trace:
         self.minima = function.minima_tensor(self.x.dtype)
         self.path = torch.empty(iterations + 1, self.x.numel(), dtype=self.x.dtype) if record_path else None
         self.values: List[float] = []
+        self.times: List[float] = []
+        self._t0 = time.perf_counter()
 
     def distance(self, point: Tensor) -> float:
         return float(torch.linalg.vector_norm(point - self.minima, dim=1).min())
@@ -182,6 +204,7 @@ class _Trace:
     def record(self, t: int, value: float, log_scalars: bool) -> None:
         """Keep the finite value ``f(x_t)`` of the current iterate (and log it to TensorBoard if asked)."""
         self.values.append(value)
+        self.times.append(time.perf_counter() - self._t0)
         self.last_finite.copy_(self.x)
         if self.path is not None:
             self.path[t] = self.x
@@ -189,26 +212,29 @@ class _Trace:
             self.writer.add_scalar("loss", value, t)
             self.writer.add_scalar("distance_to_minimum", self.distance(self.x), t)
 
-    def finish(self) -> Optional[Tuple[int, float]]:
-        """Evaluate and record ``f(x_T)``; ``(T, value)`` if it is not finite."""
+    def finish(self, t: int) -> Optional[Tuple[int, float]]:
+        """Evaluate and record ``f(x_t)`` of the last iterate; ``(t, value)`` if it is not finite."""
         with torch.no_grad():
             value = float(self.function(self.x))
         if not math.isfinite(value):
-            return self.iterations, value
-        self.record(self.iterations, value, log_scalars=True)
+            return t, value
+        self.record(t, value, log_scalars=True)
         return None
 
 
 def _descend(trace: _Trace, estimator: GradientEstimator, optimizer: torch.optim.Optimizer, scheduler: Any,
-             steps: Iterable[int]) -> Tuple[int, Optional[Tuple[int, float]]]:
+             steps: Iterable[int], patience: Optional[int] = None) -> Tuple[int, Optional[Tuple[int, float]]]:
     """The optimizer steps; returns how many were taken and ``(t, f(x_t))`` of a non-finite value, if one
-    stopped them."""
-    taken = 0
+    stopped them. With ``patience``, ``patience`` consecutive values ``f(x_t) >= f(x_{t-1})`` end the steps."""
+    taken, stalled = 0, 0
     for t in steps:
         loss, grad = estimator(trace.function, trace.x)
         value = float(loss)
         if not math.isfinite(value):
             return taken, (t, value)
+        stalled = stalled + 1 if trace.values and value >= trace.values[-1] else 0
+        if patience is not None and stalled >= patience:
+            return taken, None  # x_t is the last iterate: finish() records f(x_t)
         trace.record(t, value, log_scalars=t % trace.log_every == 0)
         trace.x.grad = grad
         optimizer.step()
@@ -239,7 +265,7 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
     return value
 
 
-def _check_config(cfg: DictConfig) -> Tuple[int, int]:
+def _check_config(cfg: DictConfig) -> Tuple[int, int, Optional[int]]:
     missing = [k for k in ("function", "gradient", "optimization", "iterations") if k not in cfg]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}; compose configs/global_optim.yaml.")
@@ -248,7 +274,9 @@ def _check_config(cfg: DictConfig) -> Tuple[int, int]:
     log_every = _positive_int(cfg, "log_every") if "log_every" in cfg else 10
     check_learning_rate(cfg.optimization.get("learning_rate"))
     check_seed(cfg.get("seed", 0))
-    return iterations, log_every
+    patience = _positive_int(cfg, "early_stopping_patience") if cfg.get("early_stopping_patience") is not None \
+        else None
+    return iterations, log_every, patience
 
 
 def _factories(cfg: DictConfig, start: Tensor, iterations: int) -> Tuple[OptimizerFactory, SchedulerFactory]:
@@ -301,10 +329,54 @@ def _table(function: TestFunction, results: Sequence[OptimResult]) -> str:
     for r in results:
         fv = f"{r.final_value:.4e}" if r.final_value is not None else "n/a"
         dist = f"{r.distance_to_minimum:.3e}" if r.distance_to_minimum is not None else "n/a"
-        status = f"DIVERGED after {r.iterations_run} steps" if r.diverged else "ok"
+        status = (f"DIVERGED after {r.iterations_run} steps" if r.diverged else
+                  f"early stop after {r.iterations_run} steps" if r.early_stopped else "ok")
         lines.append(f"{r.label:<{width}}  {fv:>12}  {dist:>10}  {r.iterations_run:>7}  "
                      f"{r.wall_time_s:>8.2f}  {status}")
     return "\n".join(lines)
+
+
+def run_metrics(function: TestFunction, results: Sequence[OptimResult], seed: Any = None) -> Dict[str, Any]:
+    """``metrics.json`` of a global-optimisation run: the estimator under test (``results[0]``), and the final
+    values of the others (the baseline) under ``others``."""
+    r, f_star = results[0], function.min_value
+    values = [v for v in r.values if math.isfinite(v)]
+    best = min(values) if values else None
+    return {
+        "final_value": r.final_value,
+        "best_value": best,
+        "min_value": f_star,
+        "final_gap": None if r.final_value is None else r.final_value - f_star,
+        "best_gap": None if best is None else best - f_star,
+        "distance_to_minimum": r.distance_to_minimum,
+        "steps": r.iterations_run,
+        "wall_time_s": round(r.wall_time_s, 3),
+        "step_time_ms": 1e3 * r.wall_time_s / r.iterations_run if r.iterations_run else None,
+        "stopped": r.stop.value,
+        "stop_detail": r.message,
+        "estimator": r.settings,
+        "function": type(function).__name__,
+        "dim": function.dim,
+        "seed": seed,
+        "others": {o.label: {"final_value": o.final_value, "stopped": o.stop.value} for o in results[1:]},
+    }
+
+
+def write_run_files(out: Path, function: TestFunction, results: Sequence[OptimResult], log_every: int,
+                    seed: Any = None) -> None:
+    """The training runs' contract (:mod:`fwdgrad.training.run_files`) for the estimator under test:
+    ``history.csv`` (every ``log_every`` steps and the last; its ``train/loss`` is the gap ``f(x_t) - f*``), then
+    ``metrics.json`` (last: it marks a finished run)."""
+    r, f_star = results[0], function.min_value
+    last = len(r.values) - 1
+    rows = [",".join(HISTORY_COLUMNS)]
+    for t, (value, seconds) in enumerate(zip(r.values, r.times)):
+        if t % log_every == 0 or t == last:
+            cells = {"step": str(t), "wall_time_s": f"{seconds:.6g}", "train/loss": repr(value - f_star)}
+            rows.append(",".join(cells.get(c, "") for c in HISTORY_COLUMNS))
+    (out / HISTORY_FILE).write_text("\n".join(rows) + "\n")
+    (out / METRICS_FILE).write_text(json.dumps(run_metrics(function, results, seed), indent=2, allow_nan=False)
+                                    + "\n")
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
@@ -336,12 +408,13 @@ def run_global_optim(cfg: DictConfig, output_dir: Union[str, Path, None] = None)
     Returns the summary: ``{"function": ..., "config": ..., "estimators": {label: {...}}, "all_diverged": ...}``.
     Raises :class:`ConfigError` (before anything is written) for a config that cannot run.
     """
-    iterations, log_every = _check_config(cfg)
+    iterations, log_every, patience = _check_config(cfg)
     with threads(cfg.get("threads")):
-        return _run(cfg, iterations, log_every, output_dir)
+        return _run(cfg, iterations, log_every, patience, output_dir)
 
 
-def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str, Path, None]) -> Dict[str, Any]:
+def _run(cfg: DictConfig, iterations: int, log_every: int, patience: Optional[int],
+         output_dir: Union[str, Path, None]) -> Dict[str, Any]:
     function = build(cfg.function, "function", expected=TestFunction)
     roles = ["gradient"] + (["baseline"] if cfg.get("baseline") is not None else [])
     estimators = [build(cfg[role], role, expected=GradientEstimator) for role in roles]
@@ -361,7 +434,7 @@ def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str
             results.append(optimise(
                 function, estimator, start, make_optimizer, iterations, make_scheduler=make_scheduler,
                 writer=writer, log_every=log_every, record_path=record_path, label=label, role=role,
-                progress=bool(cfg.get("progress", False)),
+                progress=bool(cfg.get("progress", False)), patience=patience,
             ))
         finally:
             writer.close()
@@ -380,6 +453,7 @@ def _run(cfg: DictConfig, iterations: int, log_every: int, output_dir: Union[str
     }
     # The summary goes first: a figure that fails to draw must not cost the numbers.
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    write_run_files(out, function, results, log_every, cfg.get("seed"))
     title = (f"{type(function).__name__}, {iterations} steps, lr {cfg.optimization.get('learning_rate')}, "
              f"seed {cfg.get('seed')}")
     from fwdgrad.plots import plot_loss_curves, plot_trajectories  # matplotlib only when needed

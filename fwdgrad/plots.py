@@ -35,6 +35,7 @@ __all__ = [
     "COMPARISON_PANELS",
     "history_curve",
     "plot_comparison",
+    "plot_cosine_vs_angle",
     "plot_cosine_vs_k",
     "plot_loss_curves",
     "plot_norm_ratio_vs_k",
@@ -358,4 +359,36 @@ def plot_norm_ratio_vs_k(df: pd.DataFrame, path: Path) -> None:
         ax.axhline(1.0, color="0.6", lw=0.8)
         ax.set(xscale="log", yscale="log", xlabel="tangents k", ylabel="|g| / |true gradient|", title=src)
         ax.grid(True, which="both", alpha=0.25)
+    _finish(fig, axes, path)
+
+
+_K_STYLES = ["-", "--", ":", "-."]
+
+
+def plot_cosine_vs_angle(df: pd.DataFrame, path: Path) -> None:
+    """Mean cosine similarity against the angle between the tangents (frog's Sec. 4.3 figure), a panel per source.
+
+    Rows with an ``angle`` (tangents at that angle to the first, :class:`~fwdgrad.estimators.FixedAngle`) make a
+    line per (aggregation, k): colour by aggregation, line style by k; rows of other distributions (e.g. normal
+    tangents, independent) are drawn as thin horizontal references in the same colour and style.
+    """
+    fig, sources, axes = _panels(df)
+    colors, _ = _style(df)
+    ks = sorted(df["k"].unique())
+    k_style = {k: _K_STYLES[i % len(_K_STYLES)] for i, k in enumerate(ks)}
+    for ax, src in zip(axes, sources):
+        sub = df[df["source"] == src]
+        angled = sub[sub["angle"].notna()]
+        for (agg, k), line in angled.groupby(["aggregation", "k"], sort=False):
+            line = line.sort_values("angle")
+            ax.plot(line["angle"], line["cos_mean"], k_style[k], color=colors[agg], marker="o", ms=3, lw=1.6,
+                    label=f"{agg}, k={k}")
+        for (agg, k, dist), ref in sub[sub["angle"].isna()].groupby(["aggregation", "k", "distribution"], sort=False):
+            ax.axhline(float(ref["cos_mean"].iloc[0]), ls=k_style[k], color=colors[agg], lw=0.8, alpha=0.5,
+                       label=f"{agg}, k={k}, {dist} tangents")
+        n = int(sub["n"].iloc[0])
+        ax.set(xlabel="angle to the first tangent (degrees)", ylabel="cosine similarity to true gradient",
+               title=f"{src} (n={n})" if f"n={n}" not in src else src, ylim=(0, 1.05))
+        ax.set_xticks(sorted(angled["angle"].unique()))
+        ax.grid(True, alpha=0.25)
     _finish(fig, axes, path)

@@ -77,6 +77,8 @@ class EntryPointConfig:
     gradient: Any = MISSING
     seed: int = 0
     overwrite: bool = False
+    #: the result entry returned to an optimising sweeper (``hydra/sweeper=lr_search`` sets it), or null
+    objective: Optional[str] = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class TrainingConfig(EntryPointConfig):
     plot_misclassified: int = 20
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     resume: Optional[str] = None
+    frog_fc: Any = None  #: ``+experiment/frog_fc=...``: the grid's width and published learning rates (interpolated)
 
 
 @dataclass
@@ -108,6 +111,8 @@ class GlobalOptimConfig(EntryPointConfig):
     threads: Optional[int] = None
     log_every: int = 10
     progress: bool = True
+    early_stopping_patience: Optional[int] = None
+    frog_math: Any = None  #: ``+experiment/frog_math=...``: the grid's setups and published learning rates
 
 
 @dataclass

@@ -103,7 +103,8 @@ class Variant:
         if self.name != "fg":
             return self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
-        return f"fg {self.distribution} k={self.k}" + (" (torch.func)" if self.backend == "func" else suffix)
+        backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
+        return f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
 
 
 @dataclass
@@ -169,9 +170,10 @@ def frog_variants(ks: Sequence[int], func_ks: Sequence[int]) -> List[Variant]:
 
 
 def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
-             zo_ks: Sequence[int] = ()) -> List[Variant]:
+             zo_ks: Sequence[int] = (), sim_ks: Sequence[int] = ()) -> List[Variant]:
     out = [Variant("forward"), Variant("backprop")]
     out += [Variant("fg", "normal", k, "func") for k in func_ks]
+    out += [Variant("fg", "normal", k, "simulated") for k in sim_ks]  # frog's simfg: same estimate, for studies
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
     if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
         out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
@@ -679,6 +681,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "gets only k=1 there unless --func-convnet")
     p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
     p.add_argument("--zo-ks", default="1,16", help="k values of the zeroth-order rows (MLP only; empty: none)")
+    p.add_argument("--simulated-ks", default="16", help="k values also run as the simulated forward gradient "
+                   "(backend='simulated': a backprop gradient projected on the tangents; normal tangents; MLP only)")
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (samples per row)")
     p.add_argument("--min-sample-ms", type=float, default=30.0)
     p.add_argument("--group-budget-s", type=float, default=60.0,
@@ -704,8 +708,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
     args = p.parse_args(argv)
     if args.quick:
-        args.batches, args.ks, args.func_ks, args.zo_ks = "8", "1,2", "1,2", "1,2"
         args.batches, args.frog_batches, args.ks, args.func_ks = "8", "8", "1,2", "1,2"
+        args.zo_ks, args.simulated_ks = "1,2", "2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -717,7 +721,7 @@ def run(args: argparse.Namespace) -> Path:
     for m in models:
         build_model(m, True)  # validates the name before any long work
     batches, ks, func_ks = _ints(args.batches, "batches"), _ints(args.ks, "ks"), _ints(args.func_ks, "func-ks")
-    zo_ks = _ints(args.zo_ks, "zo-ks")
+    zo_ks, sim_ks = _ints(args.zo_ks, "zo-ks"), _ints(args.simulated_ks, "simulated-ks")
     frog_batches = _ints(args.frog_batches, "frog-batches")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
     from fwdgrad import TANGENT_DISTRIBUTIONS
@@ -749,9 +753,8 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     for m in models:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
-        vs = variants(ks, dists, fks, zo_ks if m == "mlp" else ())
-        for b in batches:
-        vs = frog_variants(ks, func_ks) if m in FROG_MODELS else variants(ks, dists, fks)
+        extra = (zo_ks, sim_ks) if m == "mlp" else ((), ())  # zeroth-order and simulated rows: the MLP only
+        vs = frog_variants(ks, func_ks) if m in FROG_MODELS else variants(ks, dists, fks, *extra)
         for b in (frog_batches if m in FROG_MODELS else batches):
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)

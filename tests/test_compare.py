@@ -137,6 +137,14 @@ def test_sweep_jobs_in_numeric_order_and_duplicates_once(tmp_path):
     assert [p.name for p in found] == ["0", "1", "2", "10", "11"]
 
 
+def test_sweep_jobs_in_numeric_order_when_the_name_goes_on_after_the_number(tmp_path):
+    # Hydra's "<num>_<overrides>", nested when an override names a config group path (+experiment/frog_fc=bp)
+    root = tmp_path / "sweep"
+    for i in (0, 2, 10):
+        make_run(root / f"{i}_+experiment" / f"frog_fc=m{i},lr=0.{i}", k=i + 1, steps=2)
+    assert [p.parent.name for p in find_run_dirs([root])] == ["0_+experiment", "2_+experiment", "10_+experiment"]
+
+
 def test_history_empty_cells_are_skipped_per_curve(tmp_path):
     run = load_run(make_run(tmp_path / "r", steps=40))
     acc = curve(run, "step", "test/accuracy")

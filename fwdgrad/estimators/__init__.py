@@ -9,13 +9,19 @@ Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.
 * :mod:`.aggregation`: aggregations as coefficient rules ``c(d)`` with ``g = B c`` (a registry,
   ``@register_aggregation``) and :func:`combine`, which builds ``B c``;
 * :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
-* :mod:`.backends`: the directional derivatives by the fast engine or ``torch.func``, and the visible fallback;
+* :mod:`.selection`: aggregations that pick tangents by their ``d`` (max, max_normalized, mean_of_top_k);
+* :mod:`.custom_tangents`: tangents over the whole vector (at a fixed angle, orthogonal of varying length,
+  standard basis);
+* :mod:`.backends`: the directional derivatives by the fast engine, ``torch.func`` or a backprop gradient
+  ("simulated"), and the visible fallback;
 * :mod:`.registry`: the registry class both registries are.
 
 The zeroth-order estimator (:mod:`.zeroth_order`) uses the same tangents and aggregations with finite
 differences instead of forward-mode AD: :mod:`.seeded_tangents` keeps its tangents as seeds, regenerated a chunk
 at a time, and :mod:`.perturbation` evaluates the loss at ``theta + eps v`` without writing ``theta``.
 """
+
+from fwdgrad.estimators import selection  # noqa: F401  (registers its aggregations)
 
 from fwdgrad.estimators.aggregation import (
     AGGREGATIONS,
@@ -44,6 +50,7 @@ from fwdgrad.estimators.base import (
     from_param_dict,
     total_numel,
 )
+from fwdgrad.estimators.custom_tangents import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
@@ -73,19 +80,23 @@ __all__ = [
     "ChunkedTangent",
     "DirectionalEstimator",
     "DrawContext",
+    "FixedAngle",
     "ForwardGradient",
     "GradientEstimator",
+    "JointDistribution",
     "LossFn",
     "PASS_TENSORS",
     "Params",
     "Registry",
     "SamplerDistribution",
+    "StandardBasis",
     "TANGENT_DISTRIBUTIONS",
     "TangentDistribution",
     "TangentDraw",
     "TangentMemoryPolicy",
     "TangentSampler",
     "ZerothOrder",
+    "VaryingLength",
     "aggregate",
     "as_param_dict",
     "check_params",

@@ -8,8 +8,12 @@
   has no rule for. The fallback is for good (the same loss would fail the same way every step) and visible:
   one warning in the log, :attr:`BackendDispatch.fallback_reason`, and ``describe()`` reporting
   ``"func (fallback: <reason>)"``.
+* ``"simulated"``: frog's simulated forward gradient: ``grad f`` by one backward pass, then ``d = B^T grad f``
+  (:func:`simulated_derivatives`). Not backprop-free, so not a training method to report as one; it is for large
+  studies of the estimators' quality (the same estimates as a forward-mode pass, at the price of backprop plus
+  k dot products, whatever the model's ops).
 
-Both give the same numbers up to rounding (tests check this).
+All give the same numbers up to rounding (tests check this).
 """
 
 from __future__ import annotations
@@ -21,17 +25,17 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from fwdgrad.engine import Tangent, Unsupported, forward_tangents, tangent_slice
+from fwdgrad.engine import RankOne, Tangent, Unsupported, forward_tangents, tangent_slice
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.base import check_scalar_loss
+from fwdgrad.estimators.base import Backprop, check_scalar_loss
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.tangents import dense_tangent
 
-__all__ = ["BACKENDS", "BackendDispatch", "fast_derivatives", "func_derivatives"]
+__all__ = ["BACKENDS", "BackendDispatch", "fast_derivatives", "func_derivatives", "simulated_derivatives"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fast", "func")
+BACKENDS = ("auto", "fast", "func", "simulated")
 DictLoss = Callable[[Dict[str, Tensor]], Tensor]
 
 
@@ -105,6 +109,26 @@ def _func_jvp(f: DictLoss, params: Dict[str, Tensor], dense: Dict[str, Tensor], 
     return loss.detach(), d.detach().reshape(k)
 
 
+def simulated_derivatives(
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int
+) -> Tuple[Tensor, Tensor]:
+    """``d = B^T grad f`` with ``grad f`` from one backward pass (frog's "simulated" forward gradient).
+
+    ``d_i = sum_p <G_p, V_p[i]>`` over the parameter tensors, accumulated in float64; a rank-one tangent needs
+    only its factors, ``<G, u v^T> = u^T G v``. The loss and ``d`` are those of a forward-mode pass up to rounding.
+    """
+    loss, grads = Backprop()(f, params)
+    d = torch.zeros(k, dtype=torch.float64, device=loss.device)
+    for name, t in tangents.items():
+        g = grads[name].to(torch.float64)
+        if isinstance(t, RankOne):
+            u, v = t.u.to(torch.float64), t.v.to(torch.float64)
+            d += ((u @ g.reshape(u.shape[1], -1)) * v).sum(1)  # u_i^T G v_i for every i
+        else:
+            d += dense_tangent(t).reshape(k, -1).to(torch.float64) @ g.reshape(-1)
+    return loss, d.to(loss.dtype)
+
+
 class BackendDispatch:
     """The backend choice, and the fallback of ``"auto"`` to ``torch.func`` once it has happened."""
 
@@ -118,7 +142,7 @@ class BackendDispatch:
     @property
     def uses_fast(self) -> bool:
         """Whether the next call runs the fast engine."""
-        return self.backend != "func" and self.fallback_reason is None
+        return self.backend in ("auto", "fast") and self.fallback_reason is None
 
     def describe(self) -> Optional[str]:
         """``"func (fallback: <reason>)"`` after a fallback, the backend when not the default, else None."""
@@ -131,6 +155,8 @@ class BackendDispatch:
         policy: TangentMemoryPolicy,
     ) -> Tuple[Tensor, Tensor]:
         """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached."""
+        if self.backend == "simulated":
+            return simulated_derivatives(f, params, tangents, k)
         if self.uses_fast:
             try:
                 loss, d = fast_derivatives(f, params, tangents, k, policy)

@@ -12,6 +12,7 @@ gradient estimate without a backward pass. A step is three stages, each a part o
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -19,7 +20,14 @@ from torch import Tensor
 
 from fwdgrad.engine import Tangent
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.aggregation import AGGREGATIONS, AggregationInput, aggregate, combine, combine_tangent
+from fwdgrad.estimators.aggregation import (
+    AGGREGATIONS,
+    AggregationInput,
+    advice_for,
+    aggregate,
+    combine,
+    combine_tangent,
+)
 from fwdgrad.estimators.backends import BackendDispatch
 from fwdgrad.estimators.base import (
     GradientEstimator,
@@ -31,9 +39,22 @@ from fwdgrad.estimators.base import (
 )
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.rng import ChunkedRNG
-from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, TangentDraw
+from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, TangentDistribution, TangentDraw
 
-__all__ = ["ForwardGradient"]
+__all__ = ["ForwardGradient", "resolve_distribution"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_distribution(distribution: Union[str, TangentDistribution]) -> Tuple[str, TangentDistribution]:
+    """``(name, distribution)`` for a registered name or a :class:`TangentDistribution` object (named by its
+    ``str``, e.g. ``angle(angle=30)``); :class:`ConfigError` for anything else."""
+    if isinstance(distribution, str):
+        return distribution, TANGENT_DISTRIBUTIONS.lookup(distribution)
+    if isinstance(distribution, TangentDistribution):
+        return str(distribution), distribution
+    raise ConfigError(f"distribution must be a registered name ({', '.join(TANGENT_DISTRIBUTIONS)}) or a "
+                      f"TangentDistribution, got {distribution!r}.")
 
 
 class ForwardGradient(GradientEstimator):
@@ -44,11 +65,14 @@ class ForwardGradient(GradientEstimator):
         aggregation: a key of :data:`~fwdgrad.estimators.aggregation.AGGREGATIONS` (``"mean"``, ``"sum"``,
             ``"projection"``; the maths is in that module).
         distribution: a key of :data:`~fwdgrad.estimators.tangents.TANGENT_DISTRIBUTIONS` (``"normal"``,
-            ``"rademacher"``, ``"rank1"``).
+            ``"rademacher"``, ``"rank1"``, ``"angle"``, ...), or a
+            :class:`~fwdgrad.estimators.tangents.TangentDistribution` object (a distribution with settings, e.g.
+            ``FixedAngle(30)``; from a config, a node with ``_target_``).
         seed: seed of the ``torch.Generator`` the estimator owns; the same seed gives the same tangents, and
             hence the same estimates, for the same sequence of calls.
-        backend: ``"auto"`` (default), ``"fast"`` or ``"func"`` (:mod:`~fwdgrad.estimators.backends`). All
-            give the same estimates up to rounding; a fallback of ``"auto"`` shows in :meth:`describe` and
+        backend: ``"auto"`` (default), ``"fast"``, ``"func"`` or ``"simulated"`` (the directional derivatives
+            from a backprop gradient, for quality studies; :mod:`~fwdgrad.estimators.backends`). All give the
+            same estimates up to rounding; a fallback of ``"auto"`` shows in :meth:`describe` and
             :attr:`fallback_reason`.
         regenerate_tangents: ``True``, ``False`` or ``"auto"`` (default): regenerate tangents from their
             seeds when a layer needs them instead of keeping them through the pass
@@ -67,7 +91,7 @@ class ForwardGradient(GradientEstimator):
         self,
         num_tangents: int = 1,
         aggregation: str = "mean",
-        distribution: str = "normal",
+        distribution: Union[str, TangentDistribution] = "normal",
         seed: int = 0,
         backend: str = "auto",
         regenerate_tangents: Union[bool, str] = "auto",
@@ -79,13 +103,14 @@ class ForwardGradient(GradientEstimator):
             )
         self.num_tangents = num_tangents
         self.aggregation, self.rule = aggregation, AGGREGATIONS.lookup(aggregation)
-        self.distribution, self.tangent_distribution = distribution, TANGENT_DISTRIBUTIONS.lookup(distribution)
+        self.distribution, self.tangent_distribution = resolve_distribution(distribution)
         self.seed = check_seed(seed)
         self.dispatch = BackendDispatch(backend)
         self.memory = TangentMemoryPolicy(num_tangents, regenerate_tangents, max_tangent_mib)
         self.rng = ChunkedRNG()
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._scratch: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}  # reused tangent buffers, k > 1
+        self._advised = False  # the aggregation's step-size advice is logged once, at the first estimate
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         p, single = as_param_dict(params)
@@ -180,7 +205,13 @@ class ForwardGradient(GradientEstimator):
 
     def estimate(self, draw: TangentDraw, d: Tensor) -> Dict[str, Tensor]:
         """``g = B c(d)`` from this step's draw; may write into the draw's buffers, so estimate a draw once."""
-        c = self.rule(AggregationInput(draw.tangents, d, draw.n))
+        x = AggregationInput(draw.tangents, d, draw.n)
+        c = self.rule(x)
+        if not self._advised:
+            self._advised = True
+            message = advice_for(self.rule, x.k, x.n)
+            if message is not None:
+                log.warning("%s", message)
         if not (draw.owned and self.num_tangents == 1):
             return combine(draw.tangents, c)
         # k = 1: g = c v. Scale the freshly drawn buffer in place and hand out its views (nothing else holds

@@ -18,6 +18,9 @@ The training loop writes these (:mod:`fwdgrad.training.recorder`), ``compare.py`
                                config, step and epoch, and what ``resume=<run>`` needs to continue from there
                                (optimizer, scheduler, data-order and estimator random states)
     <run>/plots.png            loss/accuracy curves and misclassified held-out images
+
+``global_optim.py`` writes ``metrics.json`` (OPTIM_METRIC_KEYS) and ``history.csv`` too, for its estimator under
+test; there ``train/loss`` is the optimality gap ``f(x_t) - f*`` (:func:`fwdgrad.optimize.write_run_files`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "HISTORY_FILE",
     "METRICS_FILE",
     "METRIC_KEYS",
+    "OPTIM_METRIC_KEYS",
     "PLOTS_FILE",
     "RUN_STATUS_FILE",
     "STOP_REASONS",
@@ -64,6 +68,12 @@ METRIC_KEYS = (
     "stop_detail", "estimator", "dataset", "model", "device",
 )
 
+#: Keys every ``metrics.json`` of a global-optimisation run has (f values, their gaps to the minimum f*).
+OPTIM_METRIC_KEYS = (
+    "final_value", "best_value", "min_value", "final_gap", "best_gap", "distance_to_minimum", "steps",
+    "wall_time_s", "step_time_ms", "stopped", "estimator", "function", "dim",
+)
+
 
 class StopReason(str, enum.Enum):
     """Why training ended; ``metrics.json["stopped"]`` holds the value (a plain string)."""
@@ -74,6 +84,7 @@ class StopReason(str, enum.Enum):
     NON_FINITE_LOSS = "non_finite_loss"  #: a logging window's mean training loss was nan or inf
     INTERRUPTED = "interrupted"  #: SIGINT or SIGTERM; the run stopped after the step it was taking
     WORKER_LOST = "worker_lost"  #: a data-parallel peer died or stopped answering
+    EARLY_STOPPING = "early_stopping"  #: global_optim: ``early_stopping_patience`` steps without a decrease of f
 
     @property
     def ended_early(self) -> bool:
