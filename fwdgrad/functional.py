@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["log_softmax", "softmax", "logsumexp", "cross_entropy"]
+__all__ = ["log_softmax", "softmax", "logsumexp", "cross_entropy", "per_example_cross_entropy"]
 
 
 def _shift(x: Tensor, dim: int) -> Tensor:
@@ -46,10 +46,17 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy of ``logits`` (N, C) against class indices ``target`` (N,).
+    """Mean cross-entropy of ``logits`` (N, C) against class indices ``target`` (N,): the mean of
+    :func:`per_example_cross_entropy`."""
+    return per_example_cross_entropy(logits, target).mean()
+
+
+def per_example_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of every example, shape (N,), of ``logits`` (N, C) against class indices ``target`` (N,).
 
     Uses ``CE_i = logsumexp(x_i) - x_{i, y_i}``, which never materialises the full (N, C) log-softmax.
-    Its directional derivative is ``sum_j softmax(x_i)_j dx_ij - dx_{i, y_i}``, averaged over the batch.
+    Its directional derivative is ``sum_j softmax(x_i)_j dx_ij - dx_{i, y_i}``, one per example (what
+    estimators that work per example, such as activity perturbation, need).
     """
     if logits.dim() != 2:
         raise ValueError(
@@ -62,4 +69,4 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
             f"{tuple(target.shape)}."
         )
     picked = logits.gather(1, target.long().unsqueeze(1)).squeeze(1)
-    return (logsumexp(logits, dim=1) - picked).mean()
+    return logsumexp(logits, dim=1) - picked

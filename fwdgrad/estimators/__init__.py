@@ -11,6 +11,10 @@ Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.
 * :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
 * :mod:`.backends`: the directional derivatives by the fast engine or ``torch.func``, and the visible fallback;
 * :mod:`.registry`: the registry class both registries are.
+
+Beyond weight perturbation: :mod:`.activity` (activity-perturbed forward gradients, FG-A, on the layers of
+:mod:`.sites`), :mod:`.guess` (local-gradient guesses) and :mod:`.local` (how every estimator follows a model's
+local losses); the first two are module-level estimators (:class:`ModuleEstimator`).
 """
 
 from fwdgrad.estimators.aggregation import (
@@ -23,12 +27,15 @@ from fwdgrad.estimators.aggregation import (
     register_aggregation,
     solve_gram,
 )
+from fwdgrad.estimators.activity import ForwardActivity
 from fwdgrad.estimators.backends import BACKENDS, BackendDispatch
 from fwdgrad.estimators.base import (
     Backprop,
     DirectionalEstimator,
     GradientEstimator,
     LossFn,
+    ModuleEstimator,
+    OutputLoss,
     Params,
     as_param_dict,
     check_scalar_loss,
@@ -39,6 +46,8 @@ from fwdgrad.estimators.base import (
     total_numel,
 )
 from fwdgrad.estimators.forward import ForwardGradient
+from fwdgrad.estimators.guess import LocalGuess
+from fwdgrad.estimators.local import estimate_local_grads
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
 from fwdgrad.estimators.rng import ChunkedRNG
@@ -64,9 +73,13 @@ __all__ = [
     "ChunkedRNG",
     "DirectionalEstimator",
     "DrawContext",
+    "ForwardActivity",
     "ForwardGradient",
     "GradientEstimator",
+    "LocalGuess",
     "LossFn",
+    "ModuleEstimator",
+    "OutputLoss",
     "PASS_TENSORS",
     "Params",
     "Registry",
@@ -81,6 +94,7 @@ __all__ = [
     "check_scalar_loss",
     "combine",
     "cosine_similarity",
+    "estimate_local_grads",
     "estimate_module_grads",
     "flatten",
     "from_param_dict",

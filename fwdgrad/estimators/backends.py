@@ -36,15 +36,18 @@ DictLoss = Callable[[Dict[str, Tensor]], Tensor]
 
 
 def fast_derivatives(
-    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy,
+    vector: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """The fast engine over all k tangents, in groups sized by ``policy``; records the pass size in it.
+    ``vector``: ``f`` may return any shape S and ``d`` is its tangent, ``(k, *S)``.
 
     Raises :class:`~fwdgrad.errors.Unsupported` if the loss uses an op without a rule.
     """
+    kw = {"vector": True} if vector else {}  # (the scalar call keeps its historical signature)
     if k == 1:
         stats: Dict[str, float] = {}
-        out = forward_tangents(f, params, tangents, 1, stats)
+        out = forward_tangents(f, params, tangents, 1, stats, **kw)
         policy.record(stats["max_bytes_per_tangent"])
         return out
     ds, i, loss = [], 0, None
@@ -53,8 +56,8 @@ def fast_derivatives(
         group = policy.group_size(k - i, per)
         part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
         stats = {}
-        loss, d = forward_tangents(f, params, part, group, stats)
-        if loss.dim() != 0:
+        loss, d = forward_tangents(f, params, part, group, stats, **kw)
+        if loss.dim() != 0 and not vector:
             return loss, d  # the caller reports the non-scalar loss
         per = stats["max_bytes_per_tangent"]  # sizes the next group of this call
         largest = max(largest, per)
@@ -66,14 +69,16 @@ def fast_derivatives(
 
 
 def func_derivatives(
-    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, vector: bool = False
 ) -> Tuple[Tensor, Tensor]:
-    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised."""
+    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised. ``vector``: as
+    :func:`fast_derivatives`."""
     dense = {name: dense_tangent(t) for name, t in tangents.items()}
     if k == 1:
         loss, d = jvp(f, (params,), ({n: v[0] for n, v in dense.items()},))
-        check_scalar_loss(loss)
-        return loss.detach(), d.detach().reshape(1)
+        if not vector:
+            check_scalar_loss(loss)
+        return loss.detach(), d.detach().reshape(1, *loss.shape)
 
     def one_tangent(v: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         return jvp(f, (params,), (v,))
@@ -82,8 +87,9 @@ def func_derivatives(
     # computed once for all k tangents. randomness="same": dropout masks etc. are shared by every tangent,
     # as they must be for all k derivatives to be taken at the same point.
     loss, d = vmap(one_tangent, in_dims=(0,), out_dims=(None, 0), randomness="same")(dense)
-    check_scalar_loss(loss)
-    return loss.detach(), d.detach().reshape(k)
+    if not vector:
+        check_scalar_loss(loss)
+    return loss.detach(), d.detach().reshape(k, *loss.shape)
 
 
 class BackendDispatch:
@@ -109,18 +115,20 @@ class BackendDispatch:
 
     def __call__(
         self, f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int,
-        policy: TangentMemoryPolicy,
+        policy: TangentMemoryPolicy, vector: bool = False,
     ) -> Tuple[Tensor, Tensor]:
-        """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached."""
+        """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached. ``vector``: ``f``
+        may return any shape S, and ``d[i]`` is the output's tangent along ``v_i`` (``d`` is ``(k, *S)``)."""
         if self.uses_fast:
             try:
-                loss, d = fast_derivatives(f, params, tangents, k, policy)
+                loss, d = fast_derivatives(f, params, tangents, k, policy, vector)
             except Unsupported as e:
                 self._fall_back(e)
             else:
-                check_scalar_loss(loss)
+                if not vector:
+                    check_scalar_loss(loss)
                 return loss, d
-        return func_derivatives(f, params, tangents, k)
+        return func_derivatives(f, params, tangents, k, vector)
 
     def _fall_back(self, error: Unsupported) -> None:
         if self.backend == "fast":

@@ -3,6 +3,10 @@
 Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` where ``loss_fn`` maps the parameters
 (a ``dict[str, Tensor]`` or a single ``Tensor``) to a scalar loss and ``grads`` has the structure of
 ``params``. The training loops never know which estimator they are driving.
+
+Estimators that need the model itself (activity perturbation perturbs its layer outputs; local-gradient guesses
+read its blocks) implement the optional module-level hook of :class:`ModuleEstimator` instead, which
+:func:`estimate_module_grads` calls; their functional call raises a :class:`~fwdgrad.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from fwdgrad.local_losses import local_blocks
+
 __all__ = [
     "Params",
     "LossFn",
     "GradientEstimator",
     "DirectionalEstimator",
+    "ModuleEstimator",
+    "OutputLoss",
     "Backprop",
     "estimate_module_grads",
+    "mean_loss",
+    "write_grads",
     "as_param_dict",
     "from_param_dict",
     "check_scalar_loss",
@@ -32,6 +42,9 @@ __all__ = [
 
 Params = Union[Tensor, Dict[str, Tensor]]
 LossFn = Callable[[Params], Tensor]
+#: Maps a model's output to its loss: a scalar, or one loss per example (shape ``(N,)``, the loss being their
+#: mean), which estimators that work per example need.
+OutputLoss = Callable[[Tensor], Tensor]
 
 
 # -- parameter helpers ------------------------------------------------------------------------------------------
@@ -83,6 +96,12 @@ def cosine_similarity(a: Params, b: Params) -> float:
 class GradientEstimator(ABC):
     """Common interface: ``loss, grads = est(loss_fn, params)``."""
 
+    #: With a model trained by local losses (:mod:`fwdgrad.local_losses`): True (default) estimates each block's
+    #: loss by its own call, so a random estimate's noise never mixes blocks (each block's forward gradient has
+    #: its own directional derivatives); False makes one call on the sum of the local losses, which gives each
+    #: block its own loss's gradient exactly for an exact estimator (the blocks are detached), in one pass.
+    separate_local_losses: bool = True
+
     @abstractmethod
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         """Return the loss at ``params`` (detached) and a gradient estimate shaped like ``params``."""
@@ -113,8 +132,22 @@ class DirectionalEstimator(Protocol):
     def estimate(self, draw: Any, d: Tensor) -> Dict[str, Tensor]: ...
 
 
+@runtime_checkable
+class ModuleEstimator(Protocol):
+    """An estimator that needs the model, not only a loss of its parameters (optional hook).
+
+    ``estimate_module(model, loss_of_output, inputs)`` writes ``p.grad`` for the model's trainable parameters
+    and returns the detached loss; ``loss_of_output`` returns one loss per example (see :data:`OutputLoss`).
+    :func:`estimate_module_grads` calls it when present.
+    """
+
+    def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor: ...
+
+
 class Backprop(GradientEstimator):
     """The exact gradient by reverse-mode autodiff: the baseline every forward gradient is compared with."""
+
+    separate_local_losses = False  # exact: the sum of detached local losses has each block's own gradient
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         p, single = as_param_dict(params)
@@ -130,10 +163,22 @@ class Backprop(GradientEstimator):
         return loss.detach(), from_param_dict(out, single)
 
 
+def mean_loss(loss: Tensor) -> Tensor:
+    """The loss itself if it is a scalar, else the mean of per-example losses."""
+    return loss if loss.dim() == 0 else loss.mean()
+
+
+def write_grads(module: nn.Module, grads: Mapping[str, Tensor]) -> None:
+    """``p.grad = grads[name]`` for every parameter of ``module`` named in ``grads`` (in the parameter's dtype)."""
+    for name, param in module.named_parameters():
+        if name in grads:
+            param.grad = grads[name].to(param.dtype)
+
+
 def estimate_module_grads(
     estimator: GradientEstimator,
     model: nn.Module,
-    loss_of_output: Callable[[Tensor], Tensor],
+    loss_of_output: OutputLoss,
     *inputs: Tensor,
 ) -> Tensor:
     """Estimate the gradient of ``loss_of_output(model(*inputs))`` and write it into ``p.grad``.
@@ -141,15 +186,26 @@ def estimate_module_grads(
     This is the bridge to the ``torch.optim`` world: after it, any optimizer, scheduler or
     ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed; buffers
     (e.g. batch-norm statistics) are passed through. Returns the (detached) loss.
+
+    ``loss_of_output`` returns the loss, or one loss per example whose mean is the loss (estimators that work
+    per example need that: :class:`ModuleEstimator`, whose hook is used when the estimator has one). With a model
+    trained by local losses (``model.local_losses``), every estimator follows them
+    (:func:`fwdgrad.estimators.local.estimate_local_grads`), and the loss returned is the output layer's.
     """
+    hook = getattr(estimator, "estimate_module", None)
+    if hook is not None:
+        return hook(model, loss_of_output, inputs)
+    blocks = local_blocks(model)
+    if blocks is not None:
+        from fwdgrad.estimators.local import estimate_local_grads  # (imports this module)
+
+        return estimate_local_grads(estimator, model, blocks, loss_of_output, inputs)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = dict(model.named_buffers())
 
     def loss_fn(p: Dict[str, Tensor]) -> Tensor:
-        return loss_of_output(functional_call(model, (p, buffers), inputs))
+        return mean_loss(loss_of_output(functional_call(model, (p, buffers), inputs)))
 
     loss, grads = estimator(loss_fn, params)
-    for name, param in model.named_parameters():
-        if name in grads:
-            param.grad = grads[name].to(param.dtype)
+    write_grads(model, grads)
     return loss

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fwdgrad.data import iterate_batches
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
-from fwdgrad.functional import cross_entropy
+from fwdgrad.functional import cross_entropy, per_example_cross_entropy
 from fwdgrad.training.factory import Components, Settings
 from fwdgrad.training.recorder import Recorder
 from fwdgrad.training.run_files import StopReason
@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 def compute_gradients(estimator: GradientEstimator, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Estimate the gradient of the mean cross-entropy on ``(x, y)`` and write it into every ``p.grad``.
 
-    The single place where a step's gradient is computed, whatever the estimator. Returns the detached batch
+    The single place where a step's gradient is computed, whatever the estimator. The loss is given per
+    example (estimators that work per example need it; the others take its mean). Returns the detached batch
     loss (still on the device: no synchronisation).
     """
-    return estimate_module_grads(estimator, model, lambda logits: cross_entropy(logits, y), x)
+    return estimate_module_grads(estimator, model, lambda logits: per_example_cross_entropy(logits, y), x)
 
 
 @torch.no_grad()
