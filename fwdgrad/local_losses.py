@@ -96,23 +96,20 @@ def check_groups(groups: int, widths: Sequence[int]) -> int:
     return groups
 
 
-def group_logits(features: Tensor, logits: Tensor, linear: nn.Linear, groups: int) -> List[Tensor]:
-    """The G group logits of a head (module docstring): ``logits_g`` equals ``logits`` in value, and only
-    group g's slice of ``features`` (the linear layer's input, ``(N, F)``) is live in it."""
+def group_logits(features: Tensor, logits: Tensor, linear: nn.Linear, groups: int) -> Tensor:
+    """The G group logits of a head, ``(G, N, C)`` (module docstring): each equals ``logits`` in value, and
+    only group g's slice of ``features`` (the linear layer's input, ``(N, F)``) is live in ``logits[g]``."""
     if groups == 1:
-        return [logits]
+        return logits.unsqueeze(0)
     n, f = features.shape
     w, b = linear.weight, linear.bias
     # P_g = h_g W_g^T for every group at once: (G, N, F/G) @ (G, F/G, C) -> (G, N, C)
     hg = features.reshape(n, groups, f // groups).transpose(0, 1)
     wg = w.reshape(w.shape[0], groups, f // groups).permute(1, 2, 0)
-    parts = torch.matmul(hg, wg)
-    live_bias = b / groups if b is not None else None
-    out = []
-    for g in range(groups):
-        live = parts[g] if live_bias is None else parts[g] + live_bias
-        out.append(live + (logits - live).detach())
-    return out
+    live = torch.matmul(hg, wg)
+    if b is not None:
+        live = live + b / groups
+    return live + (logits - live).detach()
 
 
 def local_blocks(model: nn.Module) -> Optional[Tuple[LocalBlock, ...]]:

@@ -27,7 +27,7 @@ from fwdgrad.distributed import DataParallelEstimator
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, TangentDistribution, TangentDraw
 from fwdgrad.estimators.local import LocalObjective
-from fwdgrad.estimators.sites import local_sites, model_sites
+from fwdgrad.estimators.sites import local_sites, model_sites, probe, trainable_layers
 from fwdgrad.functional import per_example_cross_entropy
 from fwdgrad.local_losses import local_blocks
 from fwdgrad.models import MLP, ConvNet
@@ -83,6 +83,11 @@ def _grads(model, est, x, y) -> Dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _sites(model, x):
+    blocks = local_blocks(model)
+    return local_sites(model, blocks) if blocks else model_sites(model, True, probe(model, trainable_layers(model), x)[0])
+
+
 def _flat(g: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in g.values()])
 
@@ -96,8 +101,7 @@ def _target(model, x, y) -> Dict[str, torch.Tensor]:
 @pytest.mark.parametrize("local,groups", [(False, 1), (True, 1), (True, 2)])
 def test_full_basis_of_activity_tangents_gives_backprop_exactly(kind, local, groups):
     model, x, y = _problem(kind, local, groups)
-    blocks = local_blocks(model)
-    sites = local_sites(model, blocks) if blocks else model_sites(model, True)
+    sites = _sites(model, x)
     units = sum(s.module.out_features if isinstance(s.module, torch.nn.Linear) else 0 for s in sites if s.perturbed)
     if kind == "conv":  # conv units: channels x positions of each perturbed layer's output
         shapes = {}
@@ -120,7 +124,7 @@ def test_full_basis_of_activity_tangents_gives_backprop_exactly(kind, local, gro
 def _deltas(model, x, y):
     """Per perturbed site: (its input x, per-example gradient delta_b = N dL/dz_b of what is estimated, ReLU mask)."""
     blocks = local_blocks(model)
-    sites = local_sites(model, blocks) if blocks else model_sites(model, True)
+    sites = _sites(model, x)
     seen = {}
 
     def keep(s, m, a, o):
@@ -264,3 +268,25 @@ def test_weight_perturbation_follows_the_local_losses_block_by_block():
         d = sum(float((ref[names[id(p)]] * v[n][0]).sum()) for n, p in blk.named_parameters())
         for n, p in blk.named_parameters():
             torch.testing.assert_close(got[names[id(p)]], d * v[n][0], atol=1e-12, rtol=1e-10)
+
+
+def test_layers_the_forward_never_calls_get_a_zero_gradient():
+    # auxiliary heads built but local losses switched off: the loss does not depend on them (as backprop says)
+    model, x, y = _problem("mlp", local=True)
+    model.local_losses = False
+    got = _grads(model, ForwardActivity(num_tangents=10, aggregation="projection", seed=1), x, y)
+    ref = _target(model, x, y)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-12, rtol=1e-9)
+    assert not got["aux_heads.0.weight"].any()
+
+
+def test_one_unit_per_group_with_sign_tangents_is_the_local_gradient_exactly():
+    # A group of one unit j answers to its own loss, so d = delta_j u_j and the estimate d u_j = delta_j u_j^2,
+    # = delta_j for +-1 tangents: LG-FG-A with as many groups as units equals LG-BP (each block has one layer).
+    _, x, y = _problem("mlp")
+    torch.manual_seed(0)
+    model = MLP((1, 3, 3), 3, (4, 4), local_losses=True, local_groups=4).to(DT)
+    got = _grads(model, ForwardActivity(distribution="rademacher", seed=3), x, y)
+    for n, g in _target(model, x, y).items():
+        torch.testing.assert_close(got[n], g, atol=1e-12, rtol=1e-10)

@@ -25,6 +25,7 @@ the pass differentiates the per-example losses with respect to ``eps`` along the
 
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,7 +36,8 @@ from fwdgrad.estimators.backends import BackendDispatch
 from fwdgrad.estimators.base import GradientEstimator, LossFn, OutputLoss, Params, mean_loss
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.rng import ChunkedRNG
-from fwdgrad.estimators.sites import Site, layer_grads, local_sites, model_sites, unit_shapes
+from fwdgrad.estimators.sites import (Site, layer_grads, local_sites, model_sites, probe, trainable_layers,
+                                      unused_layers)
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, dense_tangent
 from fwdgrad.local_losses import LocalBlock, group_logits, head_linear, local_blocks
 
@@ -85,7 +87,7 @@ class ForwardActivity(GradientEstimator):
         self.memory = TangentMemoryPolicy(num_tangents, False, max_tangent_mib)
         self.rng = ChunkedRNG()
         self._generators: Dict[torch.device, torch.Generator] = {}
-        self._shapes: Dict[tuple, Dict[str, Tuple[int, ...]]] = {}
+        self._sites: Optional[tuple] = None  # (weakref to the model, its key, sites, shapes): see _structure
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         raise ConfigError(
@@ -114,9 +116,10 @@ class ForwardActivity(GradientEstimator):
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:
         """Write the FG-A estimate into every trainable parameter's ``.grad``; returns the output layer's loss."""
         blocks = local_blocks(model)
-        sites = local_sites(model, blocks) if blocks is not None else model_sites(model, self.exact_output_layer)
+        sites, shapes = self._structure(model, blocks, inputs[0])
         perturbed = [s for s in sites if s.perturbed]
-        eps = self._zeros(model, perturbed, inputs[0])
+        x0 = inputs[0]
+        eps = {s.name: x0.new_zeros((x0.shape[0], *shapes[s.name])) for s in perturbed}
         tangents = {name: dense_tangent(t) for name, t in self.tangent_distribution.draw(
             eps, self.num_tangents, DrawContext(self.generator, self.rng)).tangents.items()} if eps else {}
         losses, d, records = self._pass(model, blocks, sites, loss_of_output, inputs, eps, tangents)
@@ -127,14 +130,24 @@ class ForwardActivity(GradientEstimator):
             gz = _exact_activity_grad(z, loss_of_output) if s.exact else _estimate(s, tangents[s.name], coeff, z)
             for key, g in layer_grads(s.module, x, gz).items():
                 getattr(s.module, key).grad = g.to(getattr(s.module, key).dtype)
+        for m in unused_layers(model, sites):  # the loss does not depend on them
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p) if p.requires_grad else None
         return losses[sites[-1].row].mean()
 
-    def _zeros(self, model: nn.Module, perturbed: Sequence[Site], x: Tensor) -> Dict[str, Tensor]:
-        """The perturbations ``eps = 0``, one ``(N, *units)`` tensor per perturbed site."""
-        key = (tuple(id(s.module) for s in perturbed), tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self._shapes:
-            self._shapes[key] = unit_shapes(model, perturbed, x)
-        return {s.name: x.new_zeros((x.shape[0], *self._shapes[key][s.name])) for s in perturbed}
+    def _structure(self, model: nn.Module, blocks: Optional[Sequence[LocalBlock]], x: Tensor
+                   ) -> Tuple[List[Site], Dict[str, Tuple[int, ...]]]:
+        """The sites and each one's output shape per example; found by a one-example probe pass and kept
+        while the model, its local-loss settings and the input's shape stay the same."""
+        key = (tuple(id(m) for m in model.modules()), getattr(model, "local_losses", False),
+               getattr(model, "local_groups", 1), tuple(x.shape[1:]), x.dtype, x.device)
+        cached = self._sites
+        if cached is None or cached[0]() is not model or cached[1] != key:
+            order, shapes = probe(model, trainable_layers(model), x)
+            sites = local_sites(model, blocks) if blocks is not None else model_sites(
+                model, self.exact_output_layer, order)
+            cached = self._sites = (weakref.ref(model), key, sites, shapes)
+        return cached[2], cached[3]
 
     def _pass(self, model: nn.Module, blocks: Optional[Sequence[LocalBlock]], sites: Sequence[Site],
               loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...], eps: Dict[str, Tensor],
@@ -176,15 +189,15 @@ def _perturbed_losses(model: nn.Module, blocks: Optional[Sequence[LocalBlock]], 
                     f"exact_output_layer: the last linear/conv layer ({sites[-1].name}) does not produce the "
                     "model's output; set gradient.exact_output_layer=false for this model."
                 )
-            return _per_example(loss_of_output(out), inputs[0].shape[0]).unsqueeze(0)
+            return _per_example(loss_of_output(out).unsqueeze(0), inputs[0].shape[0], 1)
         rows, h = [], inputs[0]
         for blk in blocks:
             h = blk.body(h.detach())  # detached: tangents stop at the block boundary
             blk.head(h)
             features, logits = records[sites_head(sites, blk).name]
-            for lg in group_logits(features, logits, head_linear(blk.head), blk.groups):
-                rows.append(_per_example(loss_of_output(lg), h.shape[0]))
-        return torch.stack(rows)
+            grouped = group_logits(features, logits, head_linear(blk.head), blk.groups)  # (G, N, C)
+            rows.append(_per_example(loss_of_output(grouped), h.shape[0], blk.groups))
+        return torch.cat(rows)
     finally:
         for handle in handles:
             handle.remove()
@@ -196,11 +209,15 @@ def sites_head(sites: Sequence[Site], blk: LocalBlock) -> Site:
     return next(s for s in sites if s.module is linear)
 
 
-def _per_example(loss: Tensor, n: int) -> Tensor:
-    if loss.shape != (n,):
+def _per_example(loss: Tensor, n: int, groups: int) -> Tensor:
+    """``loss`` checked to be ``(groups, n)``: one loss per example (and unit group, the loss function having
+    been given the groups' logits stacked in front, ``(groups, n, C)``)."""
+    if loss.shape != (groups, n):
         raise ConfigError(
-            f"activity perturbation needs one loss per example (shape ({n},)), but the loss has shape "
-            f"{tuple(loss.shape)}; return per-example losses (e.g. fwdgrad.functional.per_example_cross_entropy)."
+            f"activity perturbation needs one loss per example{' and unit group' if groups > 1 else ''} (shape "
+            f"{(groups, n) if groups > 1 else (n,)}), but the loss has shape {tuple(loss.shape[1:] if groups == 1 else loss.shape)}; "
+            "return per-example losses (fwdgrad.functional.per_example_cross_entropy does, also for logits with "
+            "a leading group dimension)."
         )
     return loss
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from fwdgrad.errors import ConfigError
 from fwdgrad.local_losses import LocalBlock, head_linear
 
-__all__ = ["Site", "model_sites", "local_sites", "layer_grads", "unit_shapes"]
+__all__ = ["Site", "probe", "trainable_layers", "model_sites", "local_sites", "layer_grads", "unused_layers"]
 
 SITE_TYPES = (nn.Linear, nn.Conv2d)
 
@@ -82,19 +82,48 @@ def _check_coverage(model: nn.Module, sites: Sequence[Site]) -> None:
             )
 
 
-def model_sites(model: nn.Module, exact_output_layer: bool) -> List[Site]:
-    """Every trainable linear/conv layer of ``model`` in module order, all answering to row 0; the last one is
-    the output layer (exact) if ``exact_output_layer`` (checked against the model's output at every pass)."""
+def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, SITE_TYPES) and any(p.requires_grad for p in m.parameters())]
+
+
+def probe(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], x: Tensor
+          ) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
+    """The layers ``model(x)`` calls, in call order, and each one's output shape per example: one no-grad pass
+    on the first example of ``x``."""
+    order: List[str] = []
+    shapes: Dict[str, Tuple[int, ...]] = {}
+
+    def seen(name: str, out: Tensor) -> None:
+        if name not in shapes:
+            order.append(name)
+        shapes[name] = tuple(out.shape[1:])
+
+    handles = [m.register_forward_hook(lambda mod, a, out, name=n: seen(name, out)) for n, m in layers]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return order, shapes
+
+
+def model_sites(model: nn.Module, exact_output_layer: bool, order: Sequence[str]) -> List[Site]:
+    """The trainable linear/conv layers the model's forward calls (``order``, from :func:`probe`), all answering
+    to row 0; the last one called is the output layer (exact) if ``exact_output_layer`` (checked against the
+    model's output at every pass). Layers it never calls (e.g. auxiliary heads switched off) are not sites:
+    the loss does not depend on them."""
     fed = _relu_fed([model])
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, SITE_TYPES) and any(p.requires_grad for p in m.parameters())]
-    if not layers:
-        raise ConfigError(f"{type(model).__name__} has no trainable nn.Linear/nn.Conv2d layer to perturb.")
+    modules = dict(trainable_layers(model))
+    if not order:
+        raise ConfigError(f"{type(model).__name__} calls no trainable nn.Linear/nn.Conv2d layer to perturb.")
     sites = []
-    for i, (name, m) in enumerate(layers):
-        _check_layer(name, m)
-        sites.append(Site(name, m, exact=exact_output_layer and i == len(layers) - 1, relu_after=id(m) in fed))
-    _check_coverage(model, sites)
+    for i, name in enumerate(order):
+        _check_layer(name, modules[name])
+        sites.append(Site(name, modules[name], exact=exact_output_layer and i == len(order) - 1,
+                          relu_after=id(modules[name]) in fed))
+    _check_coverage(model, [Site(n, m) for n, m in modules.items()])
     return sites
 
 
@@ -139,18 +168,7 @@ def layer_grads(module: nn.Module, x: Tensor, gz: Tensor) -> Dict[str, Tensor]:
     return {k: v for k, v in out.items() if getattr(module, k).requires_grad}
 
 
-def unit_shapes(model: nn.Module, sites: Sequence[Site], x: Tensor) -> Dict[str, Tuple[int, ...]]:
-    """Each site's output shape per example, from one no-grad pass on the first example of ``x``."""
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    handles = [s.module.register_forward_hook(
-        lambda mod, args, out, name=s.name: shapes.__setitem__(name, tuple(out.shape[1:]))) for s in sites]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [s.name for s in sites if s.name not in shapes]
-    if missing:
-        raise ConfigError(f"activity perturbation: layer {missing[0]} is not called by the model's forward.")
-    return shapes
+def unused_layers(model: nn.Module, sites: Sequence[Site]) -> List[nn.Module]:
+    """Trainable linear/conv layers that are not sites: the loss does not depend on them (gradient zero)."""
+    used = {id(s.module) for s in sites}
+    return [m for _, m in trainable_layers(model) if id(m) not in used]
