@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from fwdgrad.distributed import DataParallelEstimator
 from fwdgrad.errors import ConfigError
 from fwdgrad.training import train
 from mnist_helpers import TINY, compose_cfg
@@ -57,7 +58,10 @@ def test_activity_perturbation_runs_the_conv_net(local: str, tmp_path: Path):
     assert final.keys() == init.keys() and all(not torch.equal(final[k], init[k]) for k in init)
 
 
-def test_module_estimators_refuse_data_parallel_runs(tmp_path: Path):
-    cfg = compose_cfg("mnist_fwdgrad", [*TINY, *SMALL_MLP, "gradient=forward_activity", "distributed.world_size=2"])
+@pytest.mark.parametrize("name", ["forward_activity", "forward_guess"])
+def test_module_estimators_refuse_data_parallel_runs(name: str):
+    # what every worker of a world_size > 1 run builds (the estimator composed from the real config): it must
+    # refuse, not all-reduce a per-layer estimate it has no protocol for (checked here without spawning workers)
+    cfg = compose_cfg("mnist_fwdgrad", [*TINY, f"gradient={name}", "distributed.world_size=2"])
     with pytest.raises(ConfigError, match="world_size=1"):
-        train(cfg, tmp_path)
+        DataParallelEstimator(instantiate(cfg.gradient))
