@@ -51,8 +51,12 @@ class ActivityBasis(TangentDistribution):
         return TangentDraw(out)
 
 
-if BASIS not in TANGENT_DISTRIBUTIONS:
+@pytest.fixture
+def activity_basis():
+    """The basis, registered only while a test uses it: tests elsewhere run over every registered distribution."""
     TANGENT_DISTRIBUTIONS[BASIS] = ActivityBasis()
+    yield BASIS
+    del TANGENT_DISTRIBUTIONS[BASIS]
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +103,7 @@ def _target(model, x, y) -> Dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("local,groups", [(False, 1), (True, 1), (True, 2)])
-def test_full_basis_of_activity_tangents_gives_backprop_exactly(kind, local, groups):
+def test_full_basis_of_activity_tangents_gives_backprop_exactly(kind, local, groups, activity_basis):
     model, x, y = _problem(kind, local, groups)
     sites = _sites(model, x)
     units = sum(s.module.out_features if isinstance(s.module, torch.nn.Linear) else 0 for s in sites if s.perturbed)
@@ -111,7 +115,7 @@ def test_full_basis_of_activity_tangents_gives_backprop_exactly(kind, local, gro
         [h.remove() for h in hooks]
         units = sum(shapes.values())
     # sum over an orthonormal basis: sum_i <delta, e_i> e_i = delta, per example and per loss row
-    got = _grads(model, ForwardActivity(num_tangents=units, aggregation="sum", distribution=BASIS), x, y)
+    got = _grads(model, ForwardActivity(num_tangents=units, aggregation="sum", distribution=activity_basis), x, y)
     ref = _target(model, x, y)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], atol=1e-12, rtol=1e-10)
