@@ -15,6 +15,10 @@ New tangent distributions and aggregations join by a decorator, with no edit to 
     @fwdgrad.register_aggregation("my_rule")
     def my_rule(x: fwdgrad.AggregationInput) -> Tensor: ...     # coefficients c of g = B c
 
+Beyond weight perturbation: ``ForwardActivity`` (activity perturbation, FG-A) and ``LocalGuess`` (local-gradient
+guesses) estimate from the model itself, through ``estimate_module_grads``; models built with
+``local_losses=True`` train every block on its own loss whatever the estimator (:mod:`fwdgrad.local_losses`).
+
 The parts (tangents, rng, aggregation, regeneration, backends) are in :mod:`fwdgrad.estimators`.
 """
 
@@ -24,8 +28,10 @@ from fwdgrad.estimators import (
     TANGENT_DISTRIBUTIONS,
     AggregationInput,
     Backprop,
+    ForwardActivity,
     ForwardGradient,
     GradientEstimator,
+    LocalGuess,
     TangentDistribution,
     TangentDraw,
     ZerothOrder,
@@ -46,8 +52,10 @@ __all__ = [
     "TANGENT_DISTRIBUTIONS",
     "AggregationInput",
     "Backprop",
+    "ForwardActivity",
     "ForwardGradient",
     "GradientEstimator",
+    "LocalGuess",
     "TangentDistribution",
     "TangentDraw",
     "ZerothOrder",

@@ -39,6 +39,7 @@ term vanishes (the third derivative is 0), so what remains is float rounding, ab
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -58,6 +59,7 @@ from fwdgrad.engine import Regenerated
 from fwdgrad.estimators import (
     AGGREGATIONS,
     TANGENT_DISTRIBUTIONS,
+    Backprop,
     DirectionalEstimator,
     LossFn,
     Params,
@@ -65,7 +67,10 @@ from fwdgrad.estimators import (
     ZerothOrder,
     aggregate,
     check_seed,
+    estimate_module_grads,
 )
+from fwdgrad.functional import cross_entropy
+from fwdgrad.method_quality import ModelProblem, method_quality_table, model_problems, read_methods
 from fwdgrad.rundir import claim_output_dir
 from fwdgrad.schema import ApproxQualityConfig, validate_config
 
@@ -89,8 +94,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: What a source factory returns: ``(name, true gradient)`` pairs, the gradient a Tensor or a dict of Tensors
-#: shaped like a model's parameters (structured tangents, e.g. for weight matrices, see those shapes).
-GradientSource = list[tuple[str, Params]]
+#: shaped like a model's parameters (structured tangents, e.g. for weight matrices, see those shapes); an item
+#: may carry a third element, a :class:`~fwdgrad.method_quality.ModelProblem` (the model and batch the gradient
+#: is of), on which whole estimators are compared (``methods`` in the config).
+GradientSource = list[tuple]
 #: A tangent distribution: a registered name, or an object (a distribution with settings, e.g. FixedAngle(30)).
 Distribution = str | TangentDistribution
 #: ``make_estimator(num_tangents, aggregation, distribution) -> estimator`` (a DirectionalEstimator: forward gradient
@@ -138,17 +145,20 @@ def mlp_gradients(
     the estimator's tangent stream is seeded with ``seed``), trained with backprop and Adam, and its exact gradient
     (as a dict shaped like the parameters, so structured tangents apply) is recorded after each number of steps in
     ``train_steps`` (0 = at initialisation).
+
+    Each item also carries a :class:`~fwdgrad.method_quality.ModelProblem` (the model at that point and the probe
+    batch). The model has auxiliary heads (``local_losses``, off while the network trains on the global loss),
+    fitted alongside on the detached features, so that local losses are meaningful at every point; the network
+    and its gradients are those of the plain MLP (the heads are created after it and never touch it).
     """
     from fwdgrad.data import iterate_batches
-    from fwdgrad.estimators import Backprop, estimate_module_grads
-    from fwdgrad.functional import cross_entropy
     from fwdgrad.models import MLP
 
     steps = sorted(int(t) for t in train_steps)
     if not steps or steps[0] < 0:
         raise ConfigError(f"source.train_steps must be non-negative step counts, got {list(train_steps)}.")
     torch.manual_seed(int(seed) + 1)
-    model = MLP(dataset.input_shape, dataset.num_classes, tuple(hidden_sizes))
+    model = MLP(dataset.input_shape, dataset.num_classes, tuple(hidden_sizes), local_losses=True)
     opt = torch.optim.Adam(model.parameters(), lr=float(learning_rate))
     gen = torch.Generator().manual_seed(int(seed) + 1)
     x_probe, y_probe = dataset.train_x[: dataset.batch_size], dataset.train_y[: dataset.batch_size]
@@ -162,15 +172,28 @@ def mlp_gradients(
             except StopIteration:
                 batches = iter(iterate_batches(dataset.train_x, dataset.train_y, dataset.batch_size, gen))
                 continue
-            opt.zero_grad(set_to_none=True)
-            estimate_module_grads(Backprop(), model, lambda o, y=y: cross_entropy(o, y), x)
-            opt.step()
+            _global_and_head_step(model, opt, x, y)
             done += 1
-        params = {n: p.detach() for n, p in model.named_parameters()}
+        params = {n: p.detach() for n, p in model.named_parameters() if not n.startswith("aux_heads.")}
         _, grad = Backprop()(lambda p: cross_entropy(torch.func.functional_call(model, p, (x_probe,)), y_probe), params)
         label = "init" if target == 0 else f"after {target} steps"
-        out.append((f"MLP {dataset.name} {label} (n={sum(g.numel() for g in grad.values())})", grad))
+        out.append((f"MLP {dataset.name} {label} (n={sum(g.numel() for g in grad.values())})", grad,
+                    ModelProblem(copy.deepcopy(model), x_probe, y_probe)))
     return out
+
+
+def _global_and_head_step(model: Any, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    """One Adam step: the network on the global loss (backprop), the auxiliary heads on their local losses
+    (whose gradients reach only the heads' own parameters there: the blocks' features are taken as given)."""
+    opt.zero_grad(set_to_none=True)
+    model.local_losses = False
+    estimate_module_grads(Backprop(), model, lambda o: cross_entropy(o, y), x)
+    network = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.local_losses = True
+    estimate_module_grads(Backprop(), model, lambda o: cross_entropy(o, y), x)
+    for n, p in model.named_parameters():
+        p.grad = network.get(n, p.grad) if not n.startswith("aux_heads.") else p.grad
+    opt.step()
 
 
 def _normalise_source(source: Any) -> GradientSource:
@@ -178,10 +201,11 @@ def _normalise_source(source: Any) -> GradientSource:
     items: Iterable[Any] = source.items() if isinstance(source, Mapping) else source
     out: GradientSource = []
     for item in items:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+        if not (isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], str)):
             raise ConfigError(
-                "a gradient source must return (name, gradient) pairs or a {name: gradient} mapping, got an "
-                f"element of type {type(item).__name__}; fix the factory named by source._target_."
+                "a gradient source must return (name, gradient) pairs (or (name, gradient, ModelProblem)) or a "
+                f"{{name: gradient}} mapping, got an element of type {type(item).__name__}; fix the factory "
+                "named by source._target_."
             )
         out.append((item[0], item[1]))
     if not out:
@@ -481,7 +505,8 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
             make(1, agg, dist)
     if make_zo is not None:
         make_zo(1)
-    source = _normalise_source(build(cfg.source, "source"))
+    raw = build(cfg.source, "source")
+    source = _normalise_source(raw)
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
     threads_before = torch.get_num_threads()
@@ -506,7 +531,32 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
         plot_cosine_vs_angle(df, output_dir / files[-1])
     _log_table(df)
     log.info("wrote %s", ", ".join(str(output_dir / f) for f in files))
-    return {
+    metrics = {
         f"cos/{r.source}/{r.distribution}/{r.aggregation}/k={r.k}": float(r.cos_mean)
         for r in df.itertuples(index=False)
     }
+    return {**metrics, **_compare_methods(cfg, model_problems(raw), output_dir)}
+
+
+def _compare_methods(cfg: DictConfig, problems: list, output_dir: Path) -> dict[str, float]:
+    """Whole estimators on the source's model problems (:mod:`fwdgrad.method_quality`): methods.csv and
+    methods.png, when the source has problems and the config lists ``methods``."""
+    methods = read_methods(cfg.get("methods") or {})
+    if not methods or not problems:
+        if methods:
+            log.info("the source has no model problems (use source=mnist_mlp): methods not compared")
+        return {}
+    from fwdgrad.plots import plot_method_cosines
+
+    threads_before = torch.get_num_threads()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    try:
+        mdf = method_quality_table(problems, methods, int(cfg.get("method_samples", 20)))
+    finally:
+        torch.set_num_threads(threads_before)
+    mdf.to_csv(output_dir / "methods.csv", index=False)
+    plot_method_cosines(mdf, output_dir / "methods.png")
+    log.info("cosine similarity of each method to the global / local gradient:\n%s",
+             mdf[["source", "method", "cos_global_mean", "cos_local_mean"]].to_string(float_format="%.4f"))
+    return {f"method/{r.source}/{r.method}/global": float(r.cos_global_mean) for r in mdf.itertuples(index=False)}

@@ -259,6 +259,11 @@ class DataParallelEstimator(GradientEstimator):
     """
 
     def __init__(self, estimator: GradientEstimator, group: Optional[dist.ProcessGroup] = None) -> None:
+        if hasattr(estimator, "estimate_module"):
+            raise ConfigError(
+                f"{type(estimator).__name__} estimates from the model's own layers (a module-level estimator) "
+                "and has no data-parallel form yet; use distributed.world_size=1 with it."
+            )
         self.estimator = estimator
         self.group = group
         self.weight = 1.0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["log_softmax", "softmax", "logsumexp", "cross_entropy"]
+__all__ = ["log_softmax", "softmax", "logsumexp", "cross_entropy", "per_example_cross_entropy"]
 
 
 def _shift(x: Tensor, dim: int) -> Tensor:
@@ -46,20 +46,31 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy of ``logits`` (N, C) against class indices ``target`` (N,).
-
-    Uses ``CE_i = logsumexp(x_i) - x_{i, y_i}``, which never materialises the full (N, C) log-softmax.
-    Its directional derivative is ``sum_j softmax(x_i)_j dx_ij - dx_{i, y_i}``, averaged over the batch.
-    """
+    """Mean cross-entropy of ``logits`` (N, C) against class indices ``target`` (N,): the mean of
+    :func:`per_example_cross_entropy`."""
     if logits.dim() != 2:
         raise ValueError(
             f"cross_entropy expects logits of shape (N, C), got {tuple(logits.shape)}; flatten extra "
             "dimensions in the model's forward."
         )
-    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+    return per_example_cross_entropy(logits, target).mean()
+
+
+def per_example_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy of every example, shape (*lead, N), of ``logits`` (*lead, N, C) against class indices
+    ``target`` (N,), shared by any leading dims (e.g. the unit groups of a local loss, each with its logits).
+
+    Uses ``CE_i = logsumexp(x_i) - x_{i, y_i}``, which never materialises the full (N, C) log-softmax.
+    Its directional derivative is ``sum_j softmax(x_i)_j dx_ij - dx_{i, y_i}``, one per example (what
+    estimators that work per example, such as activity perturbation, need).
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"cross_entropy expects logits of shape (N, C), got {tuple(logits.shape)}.")
+    n = logits.shape[-2]
+    if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(
-            f"cross_entropy expects class-index targets of shape ({logits.shape[0]},), got "
-            f"{tuple(target.shape)}."
+            f"cross_entropy expects class-index targets of shape ({n},), got {tuple(target.shape)}."
         )
-    picked = logits.gather(1, target.long().unsqueeze(1)).squeeze(1)
-    return (logsumexp(logits, dim=1) - picked).mean()
+    index = target.long().unsqueeze(1).expand(*logits.shape[:-1], 1)
+    picked = logits.gather(-1, index).squeeze(-1)
+    return logsumexp(logits, dim=-1) - picked

@@ -392,3 +392,26 @@ def plot_cosine_vs_angle(df: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(angled["angle"].unique()))
         ax.grid(True, alpha=0.25)
     _finish(fig, axes, path)
+# -- approx_quality.py with a model source: methods.png ------------------------------------------------------------
+def plot_method_cosines(df: pd.DataFrame, path: Path) -> None:
+    """Mean cosine similarity (bars, +- one std) of every method to the global gradient and, for methods that
+    follow local losses, to the local one; a panel per source point (:mod:`fwdgrad.method_quality`)."""
+    sources = list(dict.fromkeys(df["source"]))
+    fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 0.45 * df["method"].nunique() + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, src in zip(axes[0], sources):
+        sub = df[df["source"] == src].reset_index(drop=True)
+        pos = np.arange(len(sub))
+        ax.barh(pos - 0.2, sub["cos_global_mean"], 0.4, xerr=sub["cos_global_std"], color="tab:blue",
+                label="to the global gradient")
+        ax.barh(pos + 0.2, sub["cos_local_mean"].fillna(0.0), 0.4, xerr=sub["cos_local_std"].fillna(0.0),
+                color="tab:orange", label="to the local (LG-BP) gradient")
+        ax.set_yticks(pos, sub["method"])
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=1e-3)  # FG-W's cosines are ~1e-3, the best ~1: log-like, with 0 shown
+        ticks = [0, 1e-3, 1e-2, 1e-1, 1]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set(xlabel="cosine similarity (symlog)", title=src)
+        ax.set_xlim(-1e-3, 1.05)
+        ax.grid(True, axis="x", alpha=0.25)
+    _finish(fig, axes[0], path)

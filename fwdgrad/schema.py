@@ -126,6 +126,8 @@ class ApproxQualityConfig(EntryPointConfig):
     distributions: List[str] = field(default_factory=list)
     num_threads: Optional[int] = None
     zeroth_order: Any = None  #: a zeroth-order estimator node evaluated on the same tangents, or null
+    method_samples: int = 20  #: estimates per method in methods.csv (source=mnist_mlp)
+    methods: Any = None  #: name -> {estimator: node, local_losses, local_groups}: whole estimators compared
 
 
 # -- the checks ------------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ the loss under ``torch.no_grad()``. Reported per configuration, as in the paper:
 
 The zeroth-order rows (``zo``, MLP only; ``--zo-ks``) are ZerothOrder with central differences and the exact loss,
 i.e. 2k + 1 no-grad forward passes per step; the full table's last column says what every step runs.
+Rows: forward, backprop, weight-perturbed forward gradients (``fg``) per distribution and k, activity perturbation
+(``fga``, FG-A) and, on the same network with auxiliary heads, local losses (prefix ``local``: LG-BP, LG-FG-W,
+LG-FG-A) and local-gradient guesses (``local guess``); every ``fg/bp`` is against the plain network's backprop.
 
 Method: for each (model, batch size) every configuration first runs two steps with a fresh estimator, as
 warm-up and to measure its peak memory; then rounds visit all configurations in a shuffled order
@@ -69,11 +72,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from fwdgrad import Backprop, ForwardGradient, GradientEstimator, ZerothOrder, estimate_module_grads  # noqa: E402
+from fwdgrad import (Backprop, ForwardActivity, ForwardGradient, GradientEstimator, LocalGuess,  # noqa: E402
+                     ZerothOrder, estimate_module_grads)
 from fwdgrad.cli import run_cli  # noqa: E402
 from fwdgrad.errors import ConfigError  # noqa: E402
 from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
-from fwdgrad.functional import cross_entropy  # noqa: E402
+from fwdgrad.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
 from fwdgrad.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -90,21 +94,23 @@ class BenchError(ConfigError):
 class Variant:
     """One row of the table: what runs as the step."""
 
-    name: str  # forward | backprop | fg | zo
+    name: str  # forward | backprop | fg | fga (activity perturbation) | guess (local-gradient guesses) | zo
     distribution: str = ""
     k: int = 0
     backend: str = ""
     regenerate: Union[bool, str] = "auto"  # ForwardGradient's regenerate_tangents
+    local: bool = False  # the model trains with local losses (fwdgrad.local_losses): LG-BP, LG-FG-W, LG-FG-A
 
     @property
     def label(self) -> str:
-        if self.name == "zo":
-            return f"zo {self.distribution} k={self.k}"
+        prefix = "local " if self.local else ""
+        if self.name in ("fga", "zo"):
+            return f"{prefix}{self.name} {self.distribution} k={self.k}"
         if self.name != "fg":
-            return self.name
+            return prefix + self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
         backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
-        return f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
+        return prefix + f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
 
 
 @dataclass
@@ -155,10 +161,14 @@ BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]]
 FROG_MODELS = ("lenet5", "resnet18", "vit", "mlp_mixer")
 
 
-def build_model(name: str, quick: bool) -> nn.Module:
+def build_model(name: str, quick: bool, local: bool = False) -> nn.Module:
     if name not in BENCH_MODELS:
         raise BenchError(f"unknown model {name!r}; use --models with any of {', '.join(BENCH_MODELS)} "
                          "(comma separated).")
+    if local:  # the local-loss rows (issue 12): the MLP and conv net with auxiliary heads
+        if name == "mlp":
+            return MLP(SHAPE, 10, (64, 64) if quick else (1024, 1024), local_losses=True)
+        return ConvNet(SHAPE, 10, local_losses=True, **(dict(channels=4, hidden_size=32) if quick else {}))
     return BENCH_MODELS[name][1 if quick else 0]()
 
 
@@ -177,6 +187,9 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
     if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
         out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
+    # activity perturbation and local losses (issue 12): FG-A, LG-BP, LG-FG-W, LG-FG-A, local-gradient guesses
+    out += [Variant("fga", "normal", 1), Variant("backprop", local=True), Variant("fg", "normal", 1, "auto", local=True),
+            Variant("fga", "normal", 1, local=True), Variant("guess", local=True)]
     return out + [Variant("zo", "normal", k) for k in zo_ks]
 
 
@@ -184,24 +197,33 @@ def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     """The callable timed for ``v``, with its own new estimator (its first call allocates its buffers)."""
 
     def loss_of(out: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(out, y)
+        return per_example_cross_entropy(out, y)  # what the training loop passes (its mean is the loss)
 
     if v.name == "forward":
         def step() -> None:
             with torch.no_grad():
-                loss_of(model(x))
+                cross_entropy(model(x), y)
         return step
-    if v.name == "zo":
-        est: GradientEstimator = ZerothOrder(v.k, distribution=v.distribution, seed=0)
-    else:
-        est = Backprop() if v.name == "backprop" else ForwardGradient(
-            v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
+    est = make_estimator(v)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         estimate_module_grads(est, model, loss_of, x)
 
     return step
+
+
+def make_estimator(v: Variant) -> GradientEstimator:
+    """A new estimator for the variant's row."""
+    if v.name == "backprop":
+        return Backprop()
+    if v.name == "fga":
+        return ForwardActivity(v.k, "mean", v.distribution, seed=0)
+    if v.name == "guess":
+        return LocalGuess()
+    if v.name == "zo":
+        return ZerothOrder(v.k, distribution=v.distribution, seed=0)
+    return ForwardGradient(v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
 
 
 # -- memory ------------------------------------------------------------------------------------------------
@@ -291,8 +313,11 @@ def bench_group(
     model_name: str, batch: int, vs: Sequence[Variant], args: argparse.Namespace, mem: PeakMemory,
     device: torch.device, rng: random.Random,
 ) -> List[Result]:
-    torch.manual_seed(0)
-    model = build_model(model_name, args.quick).to(device)
+    models = {}
+    for local in (False, True):  # the same network (same seed); the local one has auxiliary heads as well
+        torch.manual_seed(0)
+        models[local] = build_model(model_name, args.quick, local).to(device)
+    model = models[False]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -303,14 +328,15 @@ def bench_group(
     peaks: Dict[str, tuple[float, float]] = {}
     warm: Dict[str, float] = {}
     for v in vs:  # two warm-up steps per configuration = its memory measurement, with a fresh estimator
-        peaks[v.label] = mem.measure(lambda: make_step(v, model, x, y))
-        model.zero_grad(set_to_none=True)
-        fn = make_step(v, model, x, y)
+        m = models[v.local]
+        peaks[v.label] = mem.measure(lambda: make_step(v, m, x, y))
+        m.zero_grad(set_to_none=True)
+        fn = make_step(v, m, x, y)
         t = time.perf_counter()
         fn()
         warm[v.label] = time.perf_counter() - t
         steps[v.label] = fn
-        model.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
     timed = time_group(steps, warm, device, args.repeats, args.min_sample_ms / 1e3, args.group_budget_s, rng,
                        CLOCKS[args.clock])
     out = []
@@ -550,6 +576,8 @@ TARGETS = [
     ("structured k=16, batch 1024: <= 6 x backprop", 1024, "fg rank1 k=16", 6.0),
     ("structured k=1, batch 1024: fg/bp <= 0.75", 1024, "fg rank1 k=1", 0.75),
     ("structured k=1, batch 64: fg/bp <= 0.9", 64, "fg rank1 k=1", 0.9),
+    ("activity perturbation (FG-A) k=1, batch 1024: fg/bp <= 1.15", 1024, "fga normal k=1", 1.15),
+    ("local-loss FG-A (LG-FG-A) k=1, batch 1024: fg/bp <= 1.0", 1024, "local fga normal k=1", 1.0),
 ]
 
 

@@ -26,7 +26,9 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     variants = {(r["model"], r["variant"]) for r in rows}
     for model in ("mlp", "convnet"):
         for v in ("forward", "backprop", "fg normal k=1 (torch.func)", "fg normal k=2", "fg rademacher k=1",
-                  "fg rank1 k=2", "fg normal k=1 kept", "fg normal k=1 regenerated"):
+                  "fg rank1 k=2", "fg normal k=1 kept", "fg normal k=1 regenerated",
+                  # issue 12: FG-A, and on the network with auxiliary heads LG-BP, LG-FG-W, LG-FG-A, guesses
+                  "fga normal k=1", "local backprop", "local fg normal k=1", "local fga normal k=1", "local guess"):
             assert (model, v) in variants
     for model in ("lenet5", "vit"):  # the Section 4.5 models: dense normal tangents
         assert {v for m, v in variants if m == model} == {"forward", "backprop", "fg normal k=1 (torch.func)",

@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode, handle_torch_function
 
 from fwdgrad.engine.registry import lookup
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import Tangent, dense
+from fwdgrad.engine.tangents import Tangent, dense, full
 from fwdgrad.errors import Unsupported
 
 __all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "is_in_place"]
@@ -129,20 +129,25 @@ def forward_tangents(
     tangents: Mapping[str, Tangent],
     k: int,
     stats: Optional[Dict[str, float]] = None,
+    vector: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Evaluate ``fn(params)`` and its k directional derivatives along ``tangents`` in one forward pass.
 
     Args:
-        fn: maps a dict of parameter tensors to a scalar.
+        fn: maps a dict of parameter tensors to a scalar (or, with ``vector``, to a tensor of any shape).
         params: the point theta (``name -> Tensor``).
         tangents: per parameter ``(k, *shape)`` dense tangents, a :class:`~fwdgrad.engine.RankOne` or a
             :class:`~fwdgrad.engine.Regenerated`.
         k: the number of tangents.
         stats: if given, receives ``max_bytes_per_tangent``, the size of the largest intermediate tangent
             divided by k (what a caller needs to split k tangents into passes of bounded memory).
+        vector: ``fn``'s output may have any shape S; ``d`` is then its tangent, shape ``(k, *S)``:
+            ``d[i] = J V_i`` with J the Jacobian of the output (e.g. one directional derivative per example
+            of a vector of per-example losses).
 
     Returns:
-        ``(f(theta), d)`` with ``d[i] = <grad f(theta), V_i>`` (shape ``(k,)``), both detached.
+        ``(f(theta), d)`` with ``d[i] = <grad f(theta), V_i>`` (shape ``(k,)``), both detached; with
+        ``vector``, ``d[i] = J V_i`` (shape ``(k, *S)``).
 
     Raises:
         Unsupported: ``fn`` used an op on tangent-carrying tensors without a rule; call ``torch.func`` instead.
@@ -159,6 +164,9 @@ def forward_tangents(
     with torch.no_grad(), _set_fwd_grad_enabled(True), TangentMode(state):
         out = fn(aliases)
     t = state.tangent(out)
+    if vector and isinstance(out, Tensor):
+        d = out.new_zeros((k, *out.shape)) if t is None else full(dense(t), out.shape)
+        return out.detach(), d.detach()
     if not isinstance(out, Tensor) or out.dim() != 0:
         return out, torch.zeros(0)  # the caller reports the non-scalar loss
     d = out.new_zeros(k) if t is None else dense(t).reshape(k)

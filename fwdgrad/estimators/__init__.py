@@ -19,6 +19,9 @@ Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.
 The zeroth-order estimator (:mod:`.zeroth_order`) uses the same tangents and aggregations with finite
 differences instead of forward-mode AD: :mod:`.seeded_tangents` keeps its tangents as seeds, regenerated a chunk
 at a time, and :mod:`.perturbation` evaluates the loss at ``theta + eps v`` without writing ``theta``.
+Beyond weight perturbation: :mod:`.activity` (activity-perturbed forward gradients, FG-A, on the layers of
+:mod:`.sites`), :mod:`.guess` (local-gradient guesses) and :mod:`.local` (how every estimator follows a model's
+local losses); the first two are module-level estimators (:class:`ModuleEstimator`).
 """
 
 from fwdgrad.estimators import selection  # noqa: F401  (registers its aggregations)
@@ -33,12 +36,15 @@ from fwdgrad.estimators.aggregation import (
     register_aggregation,
     solve_gram,
 )
+from fwdgrad.estimators.activity import ForwardActivity
 from fwdgrad.estimators.backends import BACKENDS, BackendDispatch
 from fwdgrad.estimators.base import (
     Backprop,
     DirectionalEstimator,
     GradientEstimator,
     LossFn,
+    ModuleEstimator,
+    OutputLoss,
     Params,
     as_param_dict,
     check_params,
@@ -52,6 +58,8 @@ from fwdgrad.estimators.base import (
 )
 from fwdgrad.estimators.custom_tangents import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.forward import ForwardGradient
+from fwdgrad.estimators.guess import LocalGuess
+from fwdgrad.estimators.local import estimate_local_grads
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
 from fwdgrad.estimators.rng import ChunkedRNG
@@ -81,10 +89,14 @@ __all__ = [
     "DirectionalEstimator",
     "DrawContext",
     "FixedAngle",
+    "ForwardActivity",
     "ForwardGradient",
     "GradientEstimator",
     "JointDistribution",
+    "LocalGuess",
     "LossFn",
+    "ModuleEstimator",
+    "OutputLoss",
     "PASS_TENSORS",
     "Params",
     "Registry",
@@ -104,6 +116,7 @@ __all__ = [
     "check_seed",
     "combine",
     "cosine_similarity",
+    "estimate_local_grads",
     "estimate_module_grads",
     "flatten",
     "from_param_dict",

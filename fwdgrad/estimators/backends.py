@@ -40,15 +40,18 @@ DictLoss = Callable[[Dict[str, Tensor]], Tensor]
 
 
 def fast_derivatives(
-    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy,
+    vector: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """The fast engine over all k tangents, in groups sized by ``policy``; records the pass size in it.
+    ``vector``: ``f`` may return any shape S and ``d`` is its tangent, ``(k, *S)``.
 
     Raises :class:`~fwdgrad.errors.Unsupported` if the loss uses an op without a rule.
     """
+    kw = {"vector": True} if vector else {}  # (the scalar call keeps its historical signature)
     if k == 1:
         stats: Dict[str, float] = {}
-        out = forward_tangents(f, params, tangents, 1, stats)
+        out = forward_tangents(f, params, tangents, 1, stats, **kw)
         policy.record(stats["max_bytes_per_tangent"])
         return out
     ds, i, loss = [], 0, None
@@ -57,8 +60,8 @@ def fast_derivatives(
         group = policy.group_size(k - i, per)
         part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
         stats = {}
-        loss, d = forward_tangents(f, params, part, group, stats)
-        if loss.dim() != 0:
+        loss, d = forward_tangents(f, params, part, group, stats, **kw)
+        if loss.dim() != 0 and not vector:
             return loss, d  # the caller reports the non-scalar loss
         per = stats["max_bytes_per_tangent"]  # sizes the next group of this call
         largest = max(largest, per)
@@ -70,9 +73,10 @@ def fast_derivatives(
 
 
 def func_derivatives(
-    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int
+    f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, vector: bool = False
 ) -> Tuple[Tensor, Tensor]:
-    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised.
+    """``torch.func.jvp`` (``vmap``-ed over the k tangents); the tangents are materialised. ``vector``: as
+    :func:`fast_derivatives`.
 
     The loss sees copies of ``params``, and a write into them is an error: through jvp's wrappers an in-place op
     on an input also scales the *tangent* tensor in place, so the derivatives would be wrong, and without the
@@ -82,7 +86,7 @@ def func_derivatives(
     dense = {name: dense_tangent(t) for name, t in tangents.items()}
     params = {name: t.clone() for name, t in params.items()}
     versions = [t._version for t in params.values()]
-    loss, d = _func_jvp(f, params, dense, k)
+    loss, d = _func_jvp(f, params, dense, k, vector)
     if any(t._version != v for t, v in zip(params.values(), versions)):
         raise ConfigError(
             "loss_fn modifies the parameters it was given in place (e.g. p.mul_(2) or p[0] = 0): forward-mode "
@@ -92,11 +96,13 @@ def func_derivatives(
     return loss, d
 
 
-def _func_jvp(f: DictLoss, params: Dict[str, Tensor], dense: Dict[str, Tensor], k: int) -> Tuple[Tensor, Tensor]:
+def _func_jvp(f: DictLoss, params: Dict[str, Tensor], dense: Dict[str, Tensor], k: int,
+              vector: bool) -> Tuple[Tensor, Tensor]:
     if k == 1:
         loss, d = jvp(f, (params,), ({n: v[0] for n, v in dense.items()},))
-        check_scalar_loss(loss)
-        return loss.detach(), d.detach().reshape(1)
+        if not vector:
+            check_scalar_loss(loss)
+        return loss.detach(), d.detach().reshape(1, *loss.shape)
 
     def one_tangent(v: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
         return jvp(f, (params,), (v,))
@@ -105,8 +111,9 @@ def _func_jvp(f: DictLoss, params: Dict[str, Tensor], dense: Dict[str, Tensor], 
     # computed once for all k tangents. randomness="same": dropout masks etc. are shared by every tangent,
     # as they must be for all k derivatives to be taken at the same point.
     loss, d = vmap(one_tangent, in_dims=(0,), out_dims=(None, 0), randomness="same")(dense)
-    check_scalar_loss(loss)
-    return loss.detach(), d.detach().reshape(k)
+    if not vector:
+        check_scalar_loss(loss)
+    return loss.detach(), d.detach().reshape(k, *loss.shape)
 
 
 def simulated_derivatives(
@@ -152,20 +159,25 @@ class BackendDispatch:
 
     def __call__(
         self, f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int,
-        policy: TangentMemoryPolicy,
+        policy: TangentMemoryPolicy, vector: bool = False,
     ) -> Tuple[Tensor, Tensor]:
-        """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached."""
+        """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached. ``vector``: ``f``
+        may return any shape S, and ``d[i]`` is the output's tangent along ``v_i`` (``d`` is ``(k, *S)``)."""
         if self.backend == "simulated":
+            if vector:
+                raise ConfigError("the simulated backend computes d = B^T grad f of a scalar loss; per-example "
+                                  "directional derivatives (activity perturbation) need backend='fast' or 'func'.")
             return simulated_derivatives(f, params, tangents, k)
         if self.uses_fast:
             try:
-                loss, d = fast_derivatives(f, params, tangents, k, policy)
+                loss, d = fast_derivatives(f, params, tangents, k, policy, vector)
             except Unsupported as e:
                 self._fall_back(e)
             else:
-                check_scalar_loss(loss)
+                if not vector:
+                    check_scalar_loss(loss)
                 return loss, d
-        return func_derivatives(f, params, tangents, k)
+        return func_derivatives(f, params, tangents, k, vector)
 
     def _fall_back(self, error: Unsupported) -> None:
         if self.backend == "fast":

@@ -10,6 +10,9 @@ floating-point tensors (an empty dict has nothing to differentiate; an integer t
 rademacher forward gradient of it would come out as integers), and ``loss_fn`` must leave the caller's tensors as
 they were (each call of it is followed by a look at the tensors' version counters, which every in-place write
 increments).
+Estimators that need the model itself (activity perturbation perturbs its layer outputs; local-gradient guesses
+read its blocks) implement the optional module-level hook of :class:`ModuleEstimator` instead, which
+:func:`estimate_module_grads` calls; their functional call raises a :class:`~fwdgrad.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,14 +29,19 @@ from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.buffers import StepBuffers
+from fwdgrad.local_losses import local_blocks
 
 __all__ = [
     "Params",
     "LossFn",
     "GradientEstimator",
     "DirectionalEstimator",
+    "ModuleEstimator",
+    "OutputLoss",
     "Backprop",
     "estimate_module_grads",
+    "mean_loss",
+    "write_grads",
     "as_param_dict",
     "from_param_dict",
     "check_params",
@@ -46,6 +54,9 @@ __all__ = [
 
 Params = Union[Tensor, Dict[str, Tensor]]
 LossFn = Callable[[Params], Tensor]
+#: Maps a model's output to its loss: a scalar, or one loss per example (shape ``(N,)``, the loss being their
+#: mean), which estimators that work per example need.
+OutputLoss = Callable[[Tensor], Tensor]
 
 
 # -- parameter helpers ------------------------------------------------------------------------------------------
@@ -161,6 +172,12 @@ class GradientEstimator(ABC):
         if call is not None and not getattr(call, "_checks_params", False):
             cls.__call__ = _with_param_checks(call)  # type: ignore[method-assign]
 
+    #: With a model trained by local losses (:mod:`fwdgrad.local_losses`): True (default) estimates each block's
+    #: loss by its own call, so a random estimate's noise never mixes blocks (each block's forward gradient has
+    #: its own directional derivatives); False makes one call on the sum of the local losses, which gives each
+    #: block its own loss's gradient exactly for an exact estimator (the blocks are detached), in one pass.
+    separate_local_losses: bool = True
+
     @abstractmethod
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         """Return the loss at ``params`` (detached) and a gradient estimate shaped like ``params``."""
@@ -202,8 +219,22 @@ class DirectionalEstimator(Protocol):
     def estimate(self, draw: Any, d: Tensor) -> Dict[str, Tensor]: ...
 
 
+@runtime_checkable
+class ModuleEstimator(Protocol):
+    """An estimator that needs the model, not only a loss of its parameters (optional hook).
+
+    ``estimate_module(model, loss_of_output, inputs)`` writes ``p.grad`` for the model's trainable parameters
+    and returns the detached loss; ``loss_of_output`` returns one loss per example (see :data:`OutputLoss`).
+    :func:`estimate_module_grads` calls it when present.
+    """
+
+    def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor: ...
+
+
 class Backprop(GradientEstimator):
     """The exact gradient by reverse-mode autodiff: the baseline every forward gradient is compared with."""
+
+    separate_local_losses = False  # exact: the sum of detached local losses has each block's own gradient
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         p, single = as_param_dict(params)
@@ -232,10 +263,22 @@ class Backprop(GradientEstimator):
         return {}  # exact: nothing random
 
 
+def mean_loss(loss: Tensor) -> Tensor:
+    """The loss itself if it is a scalar, else the mean of per-example losses."""
+    return loss if loss.dim() == 0 else loss.mean()
+
+
+def write_grads(module: nn.Module, grads: Mapping[str, Tensor]) -> None:
+    """``p.grad = grads[name]`` for every parameter of ``module`` named in ``grads`` (in the parameter's dtype)."""
+    for name, param in module.named_parameters():
+        if name in grads:
+            param.grad = grads[name].to(param.dtype)
+
+
 def estimate_module_grads(
     estimator: GradientEstimator,
     model: nn.Module,
-    loss_of_output: Callable[[Tensor], Tensor],
+    loss_of_output: OutputLoss,
     *inputs: Tensor,
 ) -> Tensor:
     """Estimate the gradient of ``loss_of_output(model(*inputs))`` and write it into ``p.grad``.
@@ -244,19 +287,30 @@ def estimate_module_grads(
     ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed. Buffers (e.g.
     batch norm's running statistics) move once per call, as in a backprop step, however often the estimator
     evaluates the loss (:class:`~fwdgrad.estimators.buffers.StepBuffers`). Returns the (detached) loss.
+
+    ``loss_of_output`` returns the loss, or one loss per example whose mean is the loss (estimators that work
+    per example need that: :class:`ModuleEstimator`, whose hook is used when the estimator has one). With a model
+    trained by local losses (``model.local_losses``), every estimator follows them
+    (:func:`fwdgrad.estimators.local.estimate_local_grads`), and the loss returned is the output layer's.
     """
+    hook = getattr(estimator, "estimate_module", None)
+    if hook is not None:
+        return hook(model, loss_of_output, inputs)
+    blocks = local_blocks(model)
+    if blocks is not None:
+        from fwdgrad.estimators.local import estimate_local_grads  # (imports this module)
+
+        return estimate_local_grads(estimator, model, blocks, loss_of_output, inputs)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = StepBuffers(model)
 
     def loss_fn(p: Dict[str, Tensor]) -> Tensor:
         work = buffers.fresh()
-        loss = loss_of_output(functional_call(model, (p, work), inputs))
+        loss = mean_loss(loss_of_output(functional_call(model, (p, work), inputs)))
         buffers.returned(work)
         return loss
 
     loss, grads = estimator(loss_fn, params)
     buffers.commit()
-    for name, param in model.named_parameters():
-        if name in grads:
-            param.grad = grads[name].to(param.dtype)
+    write_grads(model, grads)
     return loss

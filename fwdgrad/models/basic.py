@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fwdgrad.errors import ConfigError
+from fwdgrad.local_losses import LocalBlock, aux_head, build_blocks, check_groups
 
 __all__ = ["MLP", "ConvNet", "LogisticRegression", "ACTIVATIONS", "image_shape", "output_shape"]
 
@@ -52,6 +53,11 @@ class MLP(nn.Module):
     """Fully connected network on the flattened input: ``hidden_sizes`` layers with ``activation``.
 
     The paper's MNIST MLP is ``hidden_sizes=(1024, 1024)`` with ReLU (784-1024-1024-10).
+
+    ``local_losses``: every hidden layer is a block with its own loss (:mod:`fwdgrad.local_losses`): the hidden
+    layers but the last get an auxiliary linear classifier (``aux_heads``); the last one's head is the output
+    layer. ``local_groups``: unit groups per block (Ren et al.). The layers and their names are the same either
+    way, and ``forward`` is unchanged (evaluation uses the output layer).
     """
 
     def __init__(
@@ -60,6 +66,8 @@ class MLP(nn.Module):
         num_classes: int,
         hidden_sizes: Sequence[int] = (1024, 1024),
         activation: str = "relu",
+        local_losses: bool = False,
+        local_groups: int = 1,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -72,9 +80,21 @@ class MLP(nn.Module):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(sizes[-1], num_classes))
         self.net = nn.Sequential(*layers)
+        self.local_losses = bool(local_losses)
+        if self.local_losses:
+            self.local_groups = check_groups(local_groups, list(hidden_sizes))
+            self.aux_heads = nn.ModuleList([aux_head(w, num_classes) for w in hidden_sizes[:-1]])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+    def local_blocks(self) -> Tuple[LocalBlock, ...]:
+        """The blocks (views on ``net``): ``[flatten, linear, act] -> aux head``, ..., ``[linear, act] -> output
+        layer`` (one block holding only the output layer when there is no hidden layer)."""
+        layers = list(self.net)
+        bodies = [layers[i:i + 2] for i in range(0, len(layers) - 1, 2)] or [[]]
+        bodies[0] = [nn.Flatten(), *bodies[0]]
+        return build_blocks(bodies, [*self.aux_heads, layers[-1]], self.local_groups)
 
 
 class ConvNet(nn.Module):
@@ -83,6 +103,10 @@ class ConvNet(nn.Module):
     Two blocks of ``conv3x3(channels) - ReLU - conv3x3(channels) - ReLU - maxpool2``, then
     ``Linear(1024) - ReLU - Linear(num_classes)``. Padding keeps spatial size inside a block, so it works on
     28x28 (MNIST), 32x32 (CIFAR-10) and 8x8 (scikit-learn digits) images alike.
+
+    ``local_losses``: every conv layer (with its ReLU, and the pooling after it) is a block with an auxiliary
+    head (spatial mean, then linear), and ``Linear(hidden) - ReLU`` is the last block, whose head is the output
+    layer (:mod:`fwdgrad.local_losses`); ``local_groups`` splits every block's channels/units into groups.
     """
 
     def __init__(
@@ -91,6 +115,8 @@ class ConvNet(nn.Module):
         num_classes: int,
         channels: int = 32,
         hidden_size: int = 1024,
+        local_losses: bool = False,
+        local_groups: int = 1,
     ) -> None:
         super().__init__()
         c, h, w = image_shape("ConvNet", input_shape, min_size=4)
@@ -104,9 +130,20 @@ class ConvNet(nn.Module):
         )
         flat = channels * (h // 4) * (w // 4)
         self.classifier = nn.Sequential(nn.Linear(flat, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_classes))
+        self.local_losses = bool(local_losses)
+        if self.local_losses:
+            self.local_groups = check_groups(local_groups, [channels, hidden_size])
+            self.aux_heads = nn.ModuleList([aux_head(channels, num_classes, spatial=True) for _ in range(4)])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
+
+    def local_blocks(self) -> Tuple[LocalBlock, ...]:
+        """The blocks (views): conv-ReLU, conv-ReLU-pool, conv-ReLU, conv-ReLU-pool (each with an auxiliary
+        head), then flatten-linear-ReLU with the output layer as its head."""
+        f, c = list(self.features), list(self.classifier)
+        bodies = [f[0:2], f[2:5], f[5:7], f[7:10], [nn.Flatten(), *c[0:2]]]
+        return build_blocks(bodies, [*self.aux_heads, c[2]], self.local_groups)
 
 
 def output_shape(model: nn.Module, input_shape: Tuple[int, ...]) -> Tuple[int, ...]:

@@ -29,7 +29,7 @@ from fwdgrad.data import iterate_batches
 from fwdgrad.errors import ConfigError, WorkerLostError
 from fwdgrad.estimators import GradientEstimator, estimate_module_grads
 from fwdgrad.estimators.buffers import forward_without_buffer_updates
-from fwdgrad.functional import cross_entropy
+from fwdgrad.functional import cross_entropy, per_example_cross_entropy
 from fwdgrad.training.factory import Components, Settings
 from fwdgrad.training.recorder import Recorder
 from fwdgrad.training.resume import Resume, checkpoint_extras
@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 def compute_gradients(estimator: GradientEstimator, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Estimate the gradient of the mean cross-entropy on ``(x, y)`` and write it into every ``p.grad``.
 
-    The single place where a step's gradient is computed, whatever the estimator. Returns the detached batch
+    The single place where a step's gradient is computed, whatever the estimator. The loss is given per
+    example (estimators that work per example need it; the others take its mean). Returns the detached batch
     loss (still on the device: no synchronisation).
     """
-    return estimate_module_grads(estimator, model, lambda logits: cross_entropy(logits, y), x)
+    return estimate_module_grads(estimator, model, lambda logits: per_example_cross_entropy(logits, y), x)
 
 
 @torch.no_grad()
