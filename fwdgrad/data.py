@@ -18,8 +18,11 @@ Sources
 * ``digits`` (scikit-learn's 8x8 digits, as 1x8x8 images) and ``penguins`` (palmerpenguins): shipped with
   their packages, hence always available offline; split by a fixed permutation seeded by ``split_seed``.
 
-Normalisation: each input channel (images) or feature (tabular) is standardised with the mean and standard
-deviation of the *training* split, so nothing about the held-out data leaks into training.
+Normalisation (``normalize``, every factory): ``standardize`` (the default) standardises each input channel
+(images) or feature (tabular) with the mean and standard deviation of the *training* split, so nothing about
+the held-out data leaks into training; ``none`` keeps the source's own scale: pixels in [0, 1] (what
+torchvision's ``ToTensor`` gives, and what the reference implementation orobix/fwdgrad trains on), tabular
+features raw.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fwdgrad.errors import CorruptDatasetError, DatasetError, DatasetNotFoundError
+from fwdgrad.errors import ConfigError, CorruptDatasetError, DatasetError, DatasetNotFoundError
 
 __all__ = [
     "Splits",
+    "NORMALIZATIONS",
     "DatasetError",
     "DatasetNotFoundError",
     "CorruptDatasetError",
@@ -60,6 +64,8 @@ log = logging.getLogger(__name__)
 #: so ``root: data`` means ``<project>/data`` whatever the current directory.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ALTERNATIVES = "dataset=digits or dataset=penguins"
+#: Values of every factory's ``normalize`` argument (``dataset.normalize``): see the module docstring.
+NORMALIZATIONS = ("standardize", "none")
 
 
 @dataclass
@@ -137,11 +143,27 @@ def _seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _standardise(train_x: Tensor, test_x: Tensor) -> Tuple[Tensor, Tensor, Tuple[float, ...], Tuple[float, ...]]:
-    """Standardise per channel (dim 1) with statistics of the training split only."""
+def _normalise(train_x: Tensor, test_x: Tensor, how: str
+               ) -> Tuple[Tensor, Tensor, Tuple[float, ...], Tuple[float, ...]]:
+    """Scale the inputs as ``how`` (:data:`NORMALIZATIONS`) says; return them with the per-channel
+    ``(mean, std)`` that maps them back, ``x_source = x * std + mean``.
+
+    ``standardize``: per channel (dim 1) with statistics of the training split only. ``none``: unchanged
+    (``mean = 0``, ``std = 1``, so the plots' inverse is the identity).
+    """
+    if how not in NORMALIZATIONS:
+        raise ConfigError(
+            f"unknown dataset.normalize {how!r}; allowed: {', '.join(NORMALIZATIONS)} (standardize: per "
+            "channel with the training split's statistics; none: the source's own scale, e.g. pixels in "
+            "[0, 1])."
+        )
     dims = [d for d in range(train_x.dim()) if d != 1]
-    mean = train_x.mean(dim=dims, keepdim=True)
-    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    if how == "standardize":
+        mean = train_x.mean(dim=dims, keepdim=True)
+        std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    else:  # none
+        shape = [1 if d in dims else train_x.shape[d] for d in range(train_x.dim())]
+        mean, std = torch.zeros(shape, dtype=train_x.dtype), torch.ones(shape, dtype=train_x.dtype)
     norm = lambda t: ((t - mean) / std).float().contiguous()  # noqa: E731
     return norm(train_x), norm(test_x), tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
 
@@ -157,8 +179,10 @@ def _finish(
     class_names: Sequence[str],
     limit_train: Optional[int],
     limit_test: Optional[int],
+    normalize: str = "standardize",
 ) -> Splits:
-    """Apply the optional size limits, standardise, and wrap into :class:`Splits`."""
+    """Apply the optional size limits, normalise as ``normalize`` says (:data:`NORMALIZATIONS`), and wrap into
+    :class:`Splits`."""
     if limit_train is not None:
         train_x, train_y = train_x[: int(limit_train)], train_y[: int(limit_train)]
     if limit_test is not None:
@@ -170,7 +194,7 @@ def _finish(
         )
     if int(batch_size) < 1:
         raise DatasetError(f"dataset.batch_size must be >= 1, got {batch_size}.")
-    train_x, test_x, mean, std = _standardise(train_x.float(), test_x.float())
+    train_x, test_x, mean, std = _normalise(train_x.float(), test_x.float(), normalize)
     return Splits(
         train_x=train_x,
         train_y=train_y.long().contiguous(),
@@ -259,6 +283,7 @@ def _idx_dataset(
     split_seed: int,
     limit_train: Optional[int],
     limit_test: Optional[int],
+    normalize: str,
 ) -> Splits:
     """Load an MNIST-format dataset of torchvision class ``cls`` (MNIST, FashionMNIST, KMNIST)."""
     root_dir = _resolve_root(root)
@@ -306,7 +331,7 @@ def _idx_dataset(
         train_x, train_y = load("train")
         test_x, test_y = load("t10k")
     return _finish(name, train_x, train_y, test_x, test_y, len(cls.classes), batch_size, cls.classes,
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)
 
 
 def mnist(
@@ -317,6 +342,7 @@ def mnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """MNIST handwritten digits, 1x28x28, 10 classes (60,000 train / 10,000 test).
 
@@ -325,7 +351,7 @@ def mnist(
     from torchvision.datasets import MNIST
 
     return _idx_dataset(MNIST, "mnist", root, batch_size, download, test_set_split, split_seed, limit_train,
-                        limit_test)
+                        limit_test, normalize)
 
 
 def fashion_mnist(
@@ -336,12 +362,13 @@ def fashion_mnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Fashion-MNIST clothing images, 1x28x28, 10 classes (60,000 / 10,000)."""
     from torchvision.datasets import FashionMNIST
 
     return _idx_dataset(FashionMNIST, "fashion_mnist", root, batch_size, download, test_set_split, split_seed,
-                        limit_train, limit_test)
+                        limit_train, limit_test, normalize)
 
 
 def kmnist(
@@ -352,12 +379,13 @@ def kmnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Kuzushiji-MNIST cursive Japanese characters, 1x28x28, 10 classes (60,000 / 10,000)."""
     from torchvision.datasets import KMNIST
 
     return _idx_dataset(KMNIST, "kmnist", root, batch_size, download, test_set_split, split_seed, limit_train,
-                        limit_test)
+                        limit_test, normalize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -369,6 +397,7 @@ def cifar10(
     download: bool = True,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """CIFAR-10 colour images, 3x32x32, 10 classes (50,000 / 10,000), read by torchvision's ``CIFAR10``."""
     import pickle
@@ -415,7 +444,7 @@ def cifar10(
     train_x, train_y = to_tensors(train)
     test_x, test_y = to_tensors(test)
     return _finish("cifar10", train_x, train_y, test_x, test_y, 10, batch_size, train.classes, limit_train,
-                   limit_test)
+                   limit_test, normalize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -427,6 +456,7 @@ def digits(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """scikit-learn's handwritten digits: 1,797 images of 8x8 pixels (values 0..16) as 1x8x8, 10 classes."""
     from sklearn.datasets import load_digits
@@ -437,7 +467,7 @@ def digits(
     held_out = int(round(test_fraction * x.shape[0]))
     train_x, train_y, test_x, test_y = _split_one(x, y, held_out, split_seed)
     return _finish("digits", train_x, train_y, test_x, test_y, 10, batch_size, [str(i) for i in range(10)],
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)
 
 
 #: The four body measurements of palmerpenguins used as features (``year`` is not a property of the bird).
@@ -450,6 +480,7 @@ def penguins(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Palmer penguins: 4 standardised body measurements -> species (Adelie, Chinstrap, Gentoo).
 
@@ -464,4 +495,4 @@ def penguins(
     held_out = int(round(test_fraction * x.shape[0]))
     train_x, train_y, test_x, test_y = _split_one(x, y, held_out, split_seed)
     return _finish("penguins", train_x, train_y, test_x, test_y, len(species), batch_size, species,
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)
