@@ -21,8 +21,11 @@ Sources
 * ``digits`` (scikit-learn's 8x8 digits, as 1x8x8 images) and ``penguins`` (palmerpenguins): shipped with
   their packages, hence always available offline; split by a fixed permutation seeded by ``split_seed``.
 
-Normalisation: each input channel (images) or feature (tabular) is standardised with the mean and standard
-deviation of the *training* split, so nothing about the held-out data leaks into training.
+Normalisation (``normalize``, every factory): ``standardize`` (the default) standardises each input channel
+(images) or feature (tabular) with the mean and standard deviation of the *training* split, so nothing about
+the held-out data leaks into training; ``none`` keeps the source's own scale: pixels in [0, 1] (what
+torchvision's ``ToTensor`` gives, and what the reference implementation orobix/fwdgrad trains on), tabular
+features raw.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from fwdgrad.errors import ConfigError, CorruptDatasetError, DatasetError, Datas
 
 __all__ = [
     "Splits",
+    "NORMALIZATIONS",
     "DatasetError",
     "DatasetNotFoundError",
     "CorruptDatasetError",
@@ -68,6 +72,8 @@ log = logging.getLogger(__name__)
 #: so ``root: data`` means ``<project>/data`` whatever the current directory.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 OFFLINE_ALTERNATIVES = "dataset=digits or dataset=penguins"
+#: Values of every factory's ``normalize`` argument (``dataset.normalize``): see the module docstring.
+NORMALIZATIONS = ("standardize", "none")
 
 
 @dataclass
@@ -181,11 +187,27 @@ def _seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
-def _standardise(train_x: Tensor, test_x: Tensor) -> Tuple[Tensor, Tensor, Tuple[float, ...], Tuple[float, ...]]:
-    """Standardise per channel (dim 1) with statistics of the training split only."""
+def _normalise(train_x: Tensor, test_x: Tensor, how: str
+               ) -> Tuple[Tensor, Tensor, Tuple[float, ...], Tuple[float, ...]]:
+    """Scale the inputs as ``how`` (:data:`NORMALIZATIONS`) says; return them with the per-channel
+    ``(mean, std)`` that maps them back, ``x_source = x * std + mean``.
+
+    ``standardize``: per channel (dim 1) with statistics of the training split only. ``none``: unchanged
+    (``mean = 0``, ``std = 1``, so the plots' inverse is the identity).
+    """
+    if how not in NORMALIZATIONS:
+        raise ConfigError(
+            f"unknown dataset.normalize {how!r}; allowed: {', '.join(NORMALIZATIONS)} (standardize: per "
+            "channel with the training split's statistics; none: the source's own scale, e.g. pixels in "
+            "[0, 1])."
+        )
     dims = [d for d in range(train_x.dim()) if d != 1]
-    mean = train_x.mean(dim=dims, keepdim=True)
-    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    if how == "standardize":
+        mean = train_x.mean(dim=dims, keepdim=True)
+        std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    else:  # none
+        shape = [1 if d in dims else train_x.shape[d] for d in range(train_x.dim())]
+        mean, std = torch.zeros(shape, dtype=train_x.dtype), torch.ones(shape, dtype=train_x.dtype)
     norm = lambda t: ((t - mean) / std).float().contiguous()  # noqa: E731
     return norm(train_x), norm(test_x), tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
 
@@ -201,8 +223,10 @@ def _finish(
     class_names: Sequence[str],
     limit_train: Optional[int],
     limit_test: Optional[int],
+    normalize: str = "standardize",
 ) -> Splits:
-    """Apply the optional size limits, standardise, and wrap into :class:`Splits`."""
+    """Apply the optional size limits, normalise as ``normalize`` says (:data:`NORMALIZATIONS`), and wrap into
+    :class:`Splits`."""
     train_x, train_y = _apply_limit(train_x, train_y, limit_train, "limit_train")
     test_x, test_y = _apply_limit(test_x, test_y, limit_test, "limit_test")
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
@@ -212,7 +236,7 @@ def _finish(
         )
     if int(batch_size) < 1:
         raise DatasetError(f"dataset.batch_size must be >= 1, got {batch_size}.")
-    train_x, test_x, mean, std = _standardise(train_x.float(), test_x.float())
+    train_x, test_x, mean, std = _normalise(train_x.float(), test_x.float(), normalize)
     return Splits(
         train_x=train_x,
         train_y=train_y.long().contiguous(),
@@ -306,6 +330,7 @@ def _idx_dataset(
     split_seed: int,
     limit_train: Optional[int],
     limit_test: Optional[int],
+    normalize: str,
 ) -> Splits:
     """Load an MNIST-format dataset of torchvision class ``cls`` (MNIST, FashionMNIST, KMNIST)."""
     root_dir = _resolve_root(root)
@@ -353,7 +378,7 @@ def _idx_dataset(
         train_x, train_y = load("train")
         test_x, test_y = load("t10k")
     return _finish(name, train_x, train_y, test_x, test_y, len(cls.classes), batch_size, cls.classes,
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)
 
 
 def mnist(
@@ -364,6 +389,7 @@ def mnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """MNIST handwritten digits, 1x28x28, 10 classes (60,000 train / 10,000 test).
 
@@ -372,7 +398,7 @@ def mnist(
     from torchvision.datasets import MNIST
 
     return _idx_dataset(MNIST, "mnist", root, batch_size, download, test_set_split, split_seed, limit_train,
-                        limit_test)
+                        limit_test, normalize)
 
 
 def fashion_mnist(
@@ -383,12 +409,13 @@ def fashion_mnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Fashion-MNIST clothing images, 1x28x28, 10 classes (60,000 / 10,000)."""
     from torchvision.datasets import FashionMNIST
 
     return _idx_dataset(FashionMNIST, "fashion_mnist", root, batch_size, download, test_set_split, split_seed,
-                        limit_train, limit_test)
+                        limit_train, limit_test, normalize)
 
 
 def kmnist(
@@ -399,12 +426,13 @@ def kmnist(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Kuzushiji-MNIST cursive Japanese characters, 1x28x28, 10 classes (60,000 / 10,000)."""
     from torchvision.datasets import KMNIST
 
     return _idx_dataset(KMNIST, "kmnist", root, batch_size, download, test_set_split, split_seed, limit_train,
-                        limit_test)
+                        limit_test, normalize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -479,6 +507,7 @@ def cifar10(
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     check_md5: bool = True,
+    normalize: str = "standardize",
 ) -> Splits:
     """CIFAR-10 colour images, 3x32x32, 10 classes (50,000 / 10,000), from ``<root>/cifar-10-batches-py/``
     (torchvision's layout and downloader; the python pickle batches decoded here)."""
@@ -504,7 +533,7 @@ def cifar10(
     except Exception as e:  # as in read_cifar_batch
         raise _corrupt(meta, repr(e)) from None
     return _finish("cifar10", train_x.float().div_(255.0), train_y, test_x.float().div_(255.0), test_y, 10,
-                   batch_size, classes, limit_train, limit_test)
+                   batch_size, classes, limit_train, limit_test, normalize)
 
 
 def read_svhn_mat(path: Path) -> Tuple[Tensor, Tensor]:
@@ -533,6 +562,7 @@ def svhn(
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     check_md5: bool = True,
+    normalize: str = "standardize",
 ) -> Splits:
     """SVHN house-number digits, 3x32x32, 10 classes (73,257 train / 26,032 test; the 531,131 "extra" images
     are not used), from ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat`` (torchvision's layout and
@@ -553,7 +583,7 @@ def svhn(
     train_x, train_y = read_svhn_mat(root_dir / splits["train"][1])
     test_x, test_y = read_svhn_mat(root_dir / splits["test"][1])
     return _finish("svhn", train_x.float().div_(255.0), train_y, test_x.float().div_(255.0), test_y, 10, batch_size,
-                   [str(d) for d in range(10)], limit_train, limit_test)
+                   [str(d) for d in range(10)], limit_train, limit_test, normalize)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -565,6 +595,7 @@ def digits(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """scikit-learn's handwritten digits: 1,797 images of 8x8 pixels (values 0..16) as 1x8x8, 10 classes."""
     from sklearn.datasets import load_digits
@@ -575,7 +606,7 @@ def digits(
     held_out = int(round(test_fraction * x.shape[0]))
     train_x, train_y, test_x, test_y = _split_one(x, y, held_out, split_seed)
     return _finish("digits", train_x, train_y, test_x, test_y, 10, batch_size, [str(i) for i in range(10)],
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)
 
 
 #: The four body measurements of palmerpenguins used as features (``year`` is not a property of the bird).
@@ -588,6 +619,7 @@ def penguins(
     split_seed: int = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
+    normalize: str = "standardize",
 ) -> Splits:
     """Palmer penguins: 4 standardised body measurements -> species (Adelie, Chinstrap, Gentoo).
 
@@ -602,4 +634,4 @@ def penguins(
     held_out = int(round(test_fraction * x.shape[0]))
     train_x, train_y, test_x, test_y = _split_one(x, y, held_out, split_seed)
     return _finish("penguins", train_x, train_y, test_x, test_y, len(species), batch_size, species,
-                   limit_train, limit_test)
+                   limit_train, limit_test, normalize)

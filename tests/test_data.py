@@ -12,6 +12,7 @@ import torch
 
 from fwdgrad import data
 from fwdgrad.data import CorruptDatasetError, DatasetNotFoundError, iterate_batches, read_idx
+from fwdgrad.errors import ConfigError
 from mnist_helpers import write_idx as _write_idx
 
 
@@ -71,6 +72,40 @@ def test_test_set_split_uses_only_t10k(tmp_path: Path):
     again = data.mnist(root=str(tmp_path), download=False, test_set_split=10, split_seed=3)
     other = data.mnist(root=str(tmp_path), download=False, test_set_split=10, split_seed=4)
     assert torch.equal(again.test_x, s.test_x) and not torch.equal(other.test_x, s.test_x)
+
+
+def test_normalize_none_keeps_the_pixels_in_0_1(tmp_path: Path):
+    # orobix/fwdgrad feeds ToTensor()'s [0, 1] pixels: image i (all pixels i) must come out as exactly i / 255.
+    _fake_mnist(tmp_path, n=50, parts=("t10k",))
+    raw = data.mnist(root=str(tmp_path), download=False, test_set_split=10, normalize="none")
+    std = data.mnist(root=str(tmp_path), download=False, test_set_split=10)
+    assert raw.mean == (0.0,) and raw.std == (1.0,)  # the plots' inverse x * std + mean is the identity
+    assert raw.train_x.dtype == torch.float32 and raw.train_x.is_contiguous()
+    for x in (raw.train_x, raw.test_x):
+        ids = torch.round(x[:, 0, 0, 0] * 255)
+        assert torch.equal(x, (ids / 255).view(-1, 1, 1, 1).expand_as(x))
+    # Same split and labels whatever the scaling; standardize maps one onto the other by the stored statistics.
+    assert torch.equal(raw.train_y, std.train_y) and torch.equal(raw.test_y, std.test_y)
+    torch.testing.assert_close((raw.test_x - std.mean[0]) / std.std[0], std.test_x)
+
+
+def test_normalize_none_on_tabular_and_8x8_data():
+    from sklearn.datasets import load_digits
+
+    d = data.digits(normalize="none")
+    assert float(d.train_x.min()) == 0.0 and float(d.train_x.max()) == 1.0  # load_digits' 0..16, divided by 16
+    pool = torch.as_tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
+    assert torch.equal(torch.cat([d.train_x, d.test_x]).sum(0), pool.sum(0))  # the same images, split
+    p = data.penguins(normalize="none")
+    assert p.mean == (0.0,) * 4 and p.std == (1.0,) * 4
+    assert 2500 < float(p.train_x[:, 3].min()) and float(p.train_x[:, 3].max()) < 6500  # body mass in grams
+
+
+def test_unknown_normalize_names_the_value_and_the_choices():
+    with pytest.raises(ConfigError) as err:
+        data.digits(normalize="unit")
+    msg = str(err.value)
+    assert "'unit'" in msg and "standardize" in msg and "none" in msg and "dataset.normalize" in msg
 
 
 def test_official_split_reads_plain_files(tmp_path: Path):
