@@ -35,7 +35,7 @@ from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.backends import BackendDispatch
 from fwdgrad.estimators.base import GradientEstimator, LossFn, OutputLoss, Params, mean_loss
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
-from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.rng import ChunkedRNG, SeededGenerators
 from fwdgrad.estimators.sites import (Site, layer_grads, local_sites, model_sites, probe, trainable_layers,
                                       unused_layers)
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, dense_tangent
@@ -48,7 +48,7 @@ ACTIVITY_AGGREGATIONS = ("mean", "sum", "projection")
 Records = Dict[str, Tuple[Tensor, Tensor]]  # site name -> (its input x, its output z), primal
 
 
-class ForwardActivity(GradientEstimator):
+class ForwardActivity(SeededGenerators, GradientEstimator):
     """FG-A (module docstring). A module-level estimator: used through
     :func:`~fwdgrad.estimators.estimate_module_grads` (the training loop does), with per-example losses.
 
@@ -100,17 +100,8 @@ class ForwardActivity(GradientEstimator):
         out: Dict[str, object] = {"estimator": type(self).__name__, "num_tangents": self.num_tangents,
                                   "aggregation": self.aggregation, "distribution": self.distribution,
                                   "seed": self.seed, "exact_output_layer": self.exact_output_layer}
-        backend = self.dispatch.describe()
-        if backend is not None:
-            out["backend"] = backend
+        out.update(self.dispatch.describe())
         return out
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     # -- the module-level hook --------------------------------------------------------------------------------
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:

@@ -151,11 +151,12 @@ class BackendDispatch:
         """Whether the next call runs the fast engine."""
         return self.backend in ("auto", "fast") and self.fallback_reason is None
 
-    def describe(self) -> Optional[str]:
-        """``"func (fallback: <reason>)"`` after a fallback, the backend when not the default, else None."""
+    def describe(self) -> Dict[str, str]:
+        """``{"backend": ...}`` for an estimator's ``describe()``: ``"func (fallback: <reason>)"`` after a
+        fallback, the backend when not the default; empty otherwise (nothing worth logging)."""
         if self.fallback_reason is not None:
-            return f"func (fallback: {self.fallback_reason})"
-        return None if self.backend == "auto" else self.backend
+            return {"backend": f"func (fallback: {self.fallback_reason})"}
+        return {} if self.backend == "auto" else {"backend": self.backend}
 
     def __call__(
         self, f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int,

@@ -38,6 +38,7 @@ __all__ = [
     "DirectionalEstimator",
     "ModuleEstimator",
     "OutputLoss",
+    "run_stages",
     "Backprop",
     "estimate_module_grads",
     "mean_loss",
@@ -217,6 +218,16 @@ class DirectionalEstimator(Protocol):
     ) -> Tuple[Tensor, Tensor]: ...
 
     def estimate(self, draw: Any, d: Tensor) -> Dict[str, Tensor]: ...
+
+
+def run_stages(est: DirectionalEstimator, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    """``est(loss_fn, params)`` for a :class:`DirectionalEstimator`: its three stages in order, on detached
+    parameters, the estimate shaped like ``params``."""
+    p, single = as_param_dict(params)
+    p = {name: t.detach() for name, t in p.items()}
+    draw = est.draw(p)
+    loss, d = est.directional_derivatives(loss_fn, p, draw.tangents, single)
+    return loss, from_param_dict(est.estimate(draw, d), single)
 
 
 @runtime_checkable

@@ -33,12 +33,12 @@ from fwdgrad.estimators.base import (
     GradientEstimator,
     LossFn,
     Params,
-    as_param_dict,
     check_seed,
     from_param_dict,
+    run_stages,
 )
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
-from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.rng import ChunkedRNG, SeededGenerators
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, DrawContext, TangentDistribution, TangentDraw
 
 __all__ = ["ForwardGradient", "resolve_distribution"]
@@ -57,7 +57,7 @@ def resolve_distribution(distribution: Union[str, TangentDistribution]) -> Tuple
                       f"TangentDistribution, got {distribution!r}.")
 
 
-class ForwardGradient(GradientEstimator):
+class ForwardGradient(SeededGenerators, GradientEstimator):
     """Forward-gradient estimator with ``num_tangents`` tangents per step.
 
     Args:
@@ -113,11 +113,7 @@ class ForwardGradient(GradientEstimator):
         self._advised = False  # the aggregation's step-size advice is logged once, at the first estimate
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
-        p, single = as_param_dict(params)
-        p = {name: t.detach() for name, t in p.items()}
-        draw = self.draw(p)
-        loss, d = self.directional_derivatives(loss_fn, p, draw.tangents, single)
-        return loss, from_param_dict(self.estimate(draw, d), single)
+        return run_stages(self, loss_fn, params)
 
     @property
     def fallback_reason(self) -> Optional[str]:
@@ -136,9 +132,7 @@ class ForwardGradient(GradientEstimator):
         }
         # execution settings change speed and memory, never the estimates: logged only when not the default
         # (and the backend always after a fallback, as "func (fallback: <reason>)")
-        backend = self.dispatch.describe()
-        if backend is not None:
-            out["backend"] = backend
+        out.update(self.dispatch.describe())
         if self.memory.regenerate != "auto":
             out["regenerate_tangents"] = self.memory.regenerate
         if self.memory.max_tangent_mib != 256.0:
@@ -157,13 +151,6 @@ class ForwardGradient(GradientEstimator):
             self.generator(torch.device(device)).set_state(rng_state)
         self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
         self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     # -- the three stages, public so that a wrapper can act between them (e.g. all-reduce ``d``) ----------------
     def draw(self, params: Dict[str, Tensor]) -> TangentDraw:

@@ -64,9 +64,7 @@ class LocalGuess(GradientEstimator):
 
     def describe(self) -> Dict[str, object]:
         out: Dict[str, object] = {"estimator": type(self).__name__, "scope": self.scope}
-        backend = self.dispatch.describe()
-        if backend is not None:
-            out["backend"] = backend
+        out.update(self.dispatch.describe())
         return out
 
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:

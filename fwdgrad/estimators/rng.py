@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "ChunkedRNG", "ChunkJob", "RandomOp", "chunk_jobs", "num_chunks", "run_serial"]
+__all__ = ["CHUNK", "ChunkedRNG", "ChunkJob", "RandomOp", "SeededGenerators", "chunk_jobs", "num_chunks", "run_serial"]
 
 #: Default chunk length (entries). Read when a :class:`ChunkedRNG` is built, so a test may patch it.
 CHUNK = 1 << 19
@@ -115,3 +115,19 @@ class ChunkedRNG:
 
     def __setstate__(self, state: Dict[str, int]) -> None:
         self.__init__(state["chunk"])  # type: ignore[misc]
+
+
+class SeededGenerators:
+    """Mixin for an estimator that draws its own random numbers: one ``torch.Generator`` per device, created on
+    first use and seeded with ``self.seed``, so its estimates never depend on torch's global random state (or on
+    what else the process draws). The generators live in ``self._generators`` (a checkpoint saves their states)."""
+
+    seed: int
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""
+        generators: Dict[torch.device, torch.Generator] = self.__dict__.setdefault("_generators", {})
+        device = torch.device(device)
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return generators[device]

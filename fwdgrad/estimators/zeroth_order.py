@@ -39,12 +39,12 @@ from fwdgrad.estimators.base import (
     GradientEstimator,
     LossFn,
     Params,
-    as_param_dict,
     check_scalar_loss,
     from_param_dict,
+    run_stages,
 )
 from fwdgrad.estimators.perturbation import Perturbation, PerturbedPass, SameRandomness
-from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.rng import ChunkedRNG, SeededGenerators
 from fwdgrad.estimators.seeded_tangents import ChunkedTangent, chunk_reads_exact, draw_chunked, entries_per_random
 from fwdgrad.estimators.tangents import TANGENT_DISTRIBUTIONS, ChunkedDistribution, DrawContext, TangentDraw
 
@@ -71,7 +71,7 @@ def _check_settings(num_tangents: object, epsilon: object, difference: object, c
         raise ConfigError(f"chunk_entries must be an integer >= 1, got {chunk_entries!r}.")
 
 
-class ZerothOrder(GradientEstimator):
+class ZerothOrder(SeededGenerators, GradientEstimator):
     """Zeroth-order gradient estimate with ``num_tangents`` tangents per step (module docstring).
 
     Args:
@@ -108,11 +108,7 @@ class ZerothOrder(GradientEstimator):
         self._logged_ops: Set[str] = set()
 
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
-        p, single = as_param_dict(params)
-        p = {name: t.detach() for name, t in p.items()}
-        draw = self.draw(p)
-        loss, d = self.directional_derivatives(loss_fn, p, draw.tangents, single)
-        return loss, from_param_dict(self.estimate(draw, d), single)
+        return run_stages(self, loss_fn, params)
 
     def describe(self) -> Dict[str, object]:
         out: Dict[str, object] = {
@@ -125,13 +121,6 @@ class ZerothOrder(GradientEstimator):
         if self.chunk_entries != CHUNK_ENTRIES:  # memory/speed only, never the estimates' law
             out["chunk_entries"] = self.chunk_entries
         return out
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The estimator's own generator on ``device`` (created on first use, seeded with ``seed``)."""
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
 
     # -- the three stages of a DirectionalEstimator (the data-parallel wrapper all-reduces (loss, d) between) ----
     def draw(self, params: Dict[str, Tensor]) -> TangentDraw:
