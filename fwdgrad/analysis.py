@@ -53,7 +53,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from fwdgrad.config import build
+from fwdgrad.config import build, threads
 from fwdgrad.errors import ConfigError
 from fwdgrad.engine import Regenerated
 from fwdgrad.estimators import (
@@ -509,14 +509,8 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     source = _normalise_source(raw)
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
-    threads_before = torch.get_num_threads()
-    num_threads = cfg.get("num_threads")
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    try:
+    with threads(cfg.get("num_threads") or None, "num_threads"):
         df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples), make_zo)
-    finally:
-        torch.set_num_threads(threads_before)
     if df.empty:
         raise ConfigError("no combination of source, distribution and aggregation could be measured.")
     from fwdgrad.plots import plot_cosine_vs_angle, plot_cosine_vs_k, plot_norm_ratio_vs_k  # plots imports us
@@ -548,13 +542,8 @@ def _compare_methods(cfg: DictConfig, problems: list, output_dir: Path) -> dict[
         return {}
     from fwdgrad.plots import plot_method_cosines
 
-    threads_before = torch.get_num_threads()
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    try:
+    with threads(cfg.get("num_threads") or None, "num_threads"):
         mdf = method_quality_table(problems, methods, int(cfg.get("method_samples", 20)))
-    finally:
-        torch.set_num_threads(threads_before)
     mdf.to_csv(output_dir / "methods.csv", index=False)
     plot_method_cosines(mdf, output_dir / "methods.png")
     log.info("cosine similarity of each method to the global / local gradient:\n%s",
