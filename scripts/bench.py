@@ -143,7 +143,10 @@ def passes(v: Variant) -> str:
         return "1 forward + 1 backward"
     if v.name == "zo":  # central differences, plus one pass for the exact loss f(theta)
         return f"{2 * v.k + 1} no-grad forwards"
-    return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}"
+    if v.name == "guess":  # each block's guess is its local-loss gradient, then one pass projects onto them
+        return "1 forward + a backward inside each block, then 1 forward-mode pass"
+    per_example = " per example and layer output" if v.name == "fga" else ""
+    return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}{per_example}"
 
 
 #: name -> (full size, --quick size); all on MNIST's 1x28x28 images. The last four are the models of the
