@@ -12,7 +12,14 @@ from torch.func import functional_call
 
 from fwdgrad import ForwardGradient
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import PASS_TENSORS, TangentMemoryPolicy, backends, kept_prefix
+from fwdgrad.estimators import (
+    PASS_TENSORS,
+    TangentMemoryPolicy,
+    backends,
+    kept_prefix,
+    predicted_peak,
+    regeneration_pays,
+)
 from fwdgrad.functional import cross_entropy
 from fwdgrad.models import MLP
 
@@ -45,12 +52,45 @@ def test_policy_rejects_bad_settings(kwargs, match):
         TangentMemoryPolicy(1, **kwargs)
 
 
+def test_auto_keeps_every_tangent_where_regenerating_does_not_pay():
+    # The benchmark MLP 784-1024-1024-10 (float32) at batch 1024: the pass (4 x 4 MiB) dominates the 7.1 MiB of
+    # tangents, kept_prefix would regenerate all of them (peak 23.1 -> 20.0 MiB) for a second draw of 7.1 MiB:
+    # 3.1 MiB saved < half of 7.1, so "auto" keeps them all.
+    sizes = [784 * 1024 * 4, 1024 * 4, 1024 * 1024 * 4, 1024 * 4, 1024 * 10 * 4, 10 * 4]
+    policy = TangentMemoryPolicy(1)
+    policy.record(1024 * 1024 * 4)
+    assert kept_prefix(sizes, PASS_TENSORS * 1024 * 1024 * 4) == 0
+    assert not regeneration_pays(sizes, 0, PASS_TENSORS * 1024 * 1024 * 4)
+    assert policy.kept_blocks(sizes) == len(sizes)
+    # the deep MLP's shape (33 equal blocks, a pass of 8): 8 blocks redrawn take 7 off a 41-block peak
+    assert regeneration_pays([1.0] * 33, 25, 8.0) and predicted_peak([1.0] * 33, 25, 8.0) == 34.0
+
+
+def test_regeneration_pays_is_the_saving_per_redrawn_byte():
+    rng = random.Random(1)
+    for _ in range(300):
+        sizes = [rng.random() + 0.01 for _ in range(rng.randint(1, 10))]
+        pass_bytes, keep = rng.random() * 2 * sum(sizes), rng.randint(0, len(sizes))
+        saved = predicted_peak(sizes, len(sizes), pass_bytes) - predicted_peak(sizes, keep, pass_bytes)
+        redrawn = sum(sizes[keep:])
+        assert regeneration_pays(sizes, keep, pass_bytes) == (redrawn > 0 and saved >= 0.5 * redrawn)
+    assert not regeneration_pays([1.0, 1.0], 2, 5.0)  # nothing regenerated: nothing to pay for
+
+
 # -- moved from test_memory.py: the memory model behind "auto" ------------------------------------------------------
 def _predicted_peak(sizes, keep, pass_bytes):
     n = sum(sizes)
     if keep == len(sizes):
         return n + pass_bytes
     return max(n, sum(sizes[:keep]) + pass_bytes + max(sizes[keep:]))
+
+
+def test_predicted_peak_is_the_memory_model():
+    rng = random.Random(2)
+    for _ in range(100):
+        sizes = [rng.random() + 0.01 for _ in range(rng.randint(1, 8))]
+        keep, pass_bytes = rng.randint(0, len(sizes)), rng.random() * 3
+        assert predicted_peak(sizes, keep, pass_bytes) == pytest.approx(_predicted_peak(sizes, keep, pass_bytes))
 
 
 def test_kept_prefix_cases():

@@ -61,7 +61,13 @@ from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.guess import LocalGuess
 from fwdgrad.estimators.local import estimate_local_grads
 from fwdgrad.estimators.registry import Registry
-from fwdgrad.estimators.regeneration import PASS_TENSORS, TangentMemoryPolicy, kept_prefix
+from fwdgrad.estimators.regeneration import (
+    PASS_TENSORS,
+    TangentMemoryPolicy,
+    kept_prefix,
+    predicted_peak,
+    regeneration_pays,
+)
 from fwdgrad.estimators.rng import ChunkedRNG
 from fwdgrad.estimators.seeded_tangents import ChunkedTangent
 from fwdgrad.estimators.tangents import (
@@ -122,6 +128,8 @@ __all__ = [
     "from_param_dict",
     "gram_matrix",
     "kept_prefix",
+    "predicted_peak",
+    "regeneration_pays",
     "register_aggregation",
     "register_distribution",
     "solve_gram",
