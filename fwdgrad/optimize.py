@@ -165,22 +165,8 @@ def optimise(
     message = None if bad is None else _divergence_message(label, start, iterations, optimizer, *bad)
     if message is not None:
         log.warning("%s", message)
-    return OptimResult(
-        label=label,
-        role=role,
-        settings=dict(estimator.describe()),
-        values=trace.values,
-        path=trace.path[: len(trace.values)].numpy() if trace.path is not None else None,
-        final_point=[float(v) for v in trace.last_finite.tolist()],
-        final_value=trace.values[-1] if trace.values else None,
-        distance_to_minimum=_finite_or_none(trace.distance(trace.last_finite)),
-        iterations_run=steps,
-        wall_time_s=wall,
-        diverged=message is not None,
-        message=message,
-        early_stopped=bad is None and steps < iterations,
-        times=trace.times,
-    )
+    return trace.result(label, role, dict(estimator.describe()), steps, wall, message,
+                        early_stopped=bad is None and steps < iterations)
 
 
 class _Trace:
@@ -211,6 +197,19 @@ class _Trace:
         if log_scalars and self.writer is not None:
             self.writer.add_scalar("loss", value, t)
             self.writer.add_scalar("distance_to_minimum", self.distance(self.x), t)
+
+    def result(self, label: str, role: str, settings: Dict[str, Any], steps: int, wall: float,
+               message: Optional[str], early_stopped: bool) -> OptimResult:
+        """The run's :class:`OptimResult`: what was recorded, ending at the last finite iterate."""
+        return OptimResult(
+            label=label, role=role, settings=settings, values=self.values,
+            path=self.path[: len(self.values)].numpy() if self.path is not None else None,
+            final_point=[float(v) for v in self.last_finite.tolist()],
+            final_value=self.values[-1] if self.values else None,
+            distance_to_minimum=_finite_or_none(self.distance(self.last_finite)),
+            iterations_run=steps, wall_time_s=wall, diverged=message is not None, message=message,
+            early_stopped=early_stopped, times=self.times,
+        )
 
     def finish(self, t: int) -> Optional[Tuple[int, float]]:
         """Evaluate and record ``f(x_t)`` of the last iterate; ``(t, value)`` if it is not finite."""
