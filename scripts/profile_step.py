@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/profile_step.py --batch 64 --threads 1
     .venv/bin/python scripts/profile_step.py --batch 1024 --threads 2 --variants "normal:1,rank1:1,backprop"
+    .venv/bin/python scripts/profile_step.py --batch 1024 --threads 1 --variants "fga:1,local-fga:1,backprop"
 
 Robust on a busy machine (unlike wall-clock ratios): per variant it reports the number of ATen ops a step
 launches, their *self* CPU time summed by op name (torch.profiler), the step's thread CPU time, and the share
@@ -33,30 +34,37 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from fwdgrad import Backprop, ForwardGradient, estimate_module_grads  # noqa: E402
+from fwdgrad import Backprop, ForwardActivity, ForwardGradient, GradientEstimator, estimate_module_grads  # noqa: E402
 from fwdgrad.cli import run_cli  # noqa: E402
-from fwdgrad.functional import cross_entropy  # noqa: E402
+from fwdgrad.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
+from fwdgrad.memory import tune_malloc  # noqa: E402
 from fwdgrad.models import MLP  # noqa: E402
 
 log = logging.getLogger("profile_step")
 
 
 def make_step(variant: str, batch: int) -> Callable[[], None]:
-    """``variant``: ``backprop`` or ``<distribution>:<k>`` (e.g. ``normal:1``, ``rank1:1``)."""
+    """``variant``: ``backprop``, ``<distribution>:<k>`` (e.g. ``normal:1``, ``rank1:1``), ``fga:<k>`` (activity
+    perturbation); a ``local-`` prefix trains the same MLP with local losses (LG-BP, LG-FG-W, LG-FG-A)."""
+    local = variant.startswith("local-")
+    variant = variant[len("local-"):] if local else variant
     torch.manual_seed(0)
-    model = MLP((1, 28, 28), 10, (1024, 1024))
+    model = MLP((1, 28, 28), 10, (1024, 1024), local_losses=local)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
+    loss = per_example_cross_entropy if variant.startswith("fga") else cross_entropy
     if variant == "backprop":
-        est = Backprop()
+        est: GradientEstimator = Backprop()
+    elif variant.startswith("fga:"):
+        est = ForwardActivity(int(variant.split(":")[1]), "mean", "normal", seed=0)
     else:
         dist, k = variant.split(":")
         est = ForwardGradient(int(k), "mean", dist, seed=0)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        estimate_module_grads(est, model, lambda out: cross_entropy(out, y), x)
+        estimate_module_grads(est, model, lambda out: loss(out, y), x)
 
     return step
 
@@ -137,6 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def go() -> int:
         torch.set_num_threads(args.threads)
+        tune_malloc()  # as scripts/bench.py and training do: freed memory is reused, not page-faulted in again
         if args.spin_check:
             log.info("\n".join(spin_check()))
             return 0

@@ -24,9 +24,10 @@ outside a pass (see :mod:`fwdgrad.engine.mode`).
 
 from fwdgrad.engine import rules  # noqa: F401  (registers every rule)
 from fwdgrad.engine.mode import forward_tangents
+from fwdgrad.engine.perturbation import add_perturbation, zero_perturbation
 from fwdgrad.engine.registry import register, register_each, supported_functions
 from fwdgrad.engine.tangents import RankOne, Regenerated, Tangent, tangent_slice
 from fwdgrad.errors import Unsupported
 
-__all__ = ["RankOne", "Regenerated", "Tangent", "Unsupported", "forward_tangents", "register",
-           "register_each", "supported_functions", "tangent_slice"]
+__all__ = ["RankOne", "Regenerated", "Tangent", "Unsupported", "add_perturbation", "forward_tangents", "register",
+           "register_each", "supported_functions", "tangent_slice", "zero_perturbation"]

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from fwdgrad.engine import add_perturbation, zero_perturbation
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.backends import BackendDispatch
 from fwdgrad.estimators.base import GradientEstimator, LossFn, OutputLoss, Params, mean_loss
@@ -110,7 +111,7 @@ class ForwardActivity(SeededGenerators, GradientEstimator):
         sites, shapes = self._structure(model, blocks, inputs[0])
         perturbed = [s for s in sites if s.perturbed]
         x0 = inputs[0]
-        eps = {s.name: x0.new_zeros((x0.shape[0], *shapes[s.name])) for s in perturbed}
+        eps = {s.name: zero_perturbation(x0, (x0.shape[0], *shapes[s.name])) for s in perturbed}  # one element each
         tangents = {name: dense_tangent(t) for name, t in self.tangent_distribution.draw(
             eps, self.num_tangents, DrawContext(self.generator, self.rng)).tangents.items()} if eps else {}
         losses, d, records = self._pass(model, blocks, sites, loss_of_output, inputs, eps, tangents)
@@ -169,7 +170,7 @@ def _perturbed_losses(model: nn.Module, blocks: Optional[Sequence[LocalBlock]], 
 
     def hook(site: Site, module: nn.Module, args: tuple, out: Tensor) -> Optional[Tensor]:
         records[site.name] = (args[0], out)
-        return out + eps[site.name] if site.perturbed else None
+        return add_perturbation(out, eps[site.name]) if site.perturbed else None  # z + eps at eps = 0
 
     handles = [s.module.register_forward_hook(lambda m, a, o, s=s: hook(s, m, a, o)) for s in sites]
     try:
@@ -245,8 +246,8 @@ def _estimate(site: Site, u: Tensor, coeff: Tensor, z: Tensor) -> Tensor:
         c = c.repeat_interleave(ch // site.groups, dim=2)  # (k, N, channels)
     c = c.reshape(k, n, c.shape[2], *([1] * (u.dim() - 3)))
     g = (u[0] * c[0]) if k == 1 else (u * c).sum(0)
-    if site.relu_after:
-        g.masked_fill_(z <= 0, 0.0)
+    if site.relu_after:  # ReLU's own backward rule: g where z > 0, else 0 (one fused pass; masked_fill_ is ~10x slower)
+        g = torch.ops.aten.threshold_backward(g, z, 0)
     return g
 
 
