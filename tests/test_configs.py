@@ -184,3 +184,17 @@ def test_every_experiment_composes_and_instantiates_with_its_script(name: str, s
         assert cfg.optimization.epochs == 200 and cfg.optimization.max_steps is None
         assert cfg.optimization.scheduler.gamma == pytest.approx(math.exp(-1e-4), rel=1e-8)
         assert cfg.dataset.normalize == "none"  # ToTensor()'s [0, 1] pixels, not standardised
+
+
+@pytest.mark.parametrize("name", ["mnist_fwdgrad", "mnist_backprop", "global_optim"])
+def test_sweep_job_names_leave_out_where_and_how_a_run_goes(name: str):
+    # a sweep job's directory name lists the overrides that change what is computed; resume=<dir>, threads,
+    # the data location and the like would only make names long and runs that compute the same look different
+    from hydra import compose, initialize_config_dir
+
+    from mnist_helpers import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert {"resume", "threads", "dataset.root", "overwrite", "progress_bar", "hydra.run.dir"} <= excluded
