@@ -228,6 +228,24 @@ def test_resume_continues_to_the_weights_of_an_uninterrupted_run(straight_and_st
     assert rows[0] == rows[1]
 
 
+@pytest.mark.parametrize("estimator", [("gradient=zeroth_order", "gradient.num_tangents=2"),
+                                       ("gradient=forward_activity", "gradient.num_tangents=2"),
+                                       ("gradient=forward_guess", "model.local_losses=true")],
+                         ids=["zeroth_order", "forward_activity", "forward_guess"])
+def test_resume_continues_every_estimator_exactly(estimator, monkeypatch, tmp_path: Path):
+    overrides = (*[o for o in RESUMABLE if not o.startswith("gradient.")], *estimator)
+    train(compose_cfg("mnist_fwdgrad", overrides), tmp_path / "straight")
+    _interrupt_at_step(monkeypatch, 8)
+    assert train(compose_cfg("mnist_fwdgrad", overrides), tmp_path / "stopped")["stopped"] == "interrupted"
+    monkeypatch.undo()
+    cfg = OmegaConf.create(torch.load(tmp_path / "stopped" / "model.pt", weights_only=False)["config"])
+    cfg.resume = str(tmp_path / "stopped")
+    assert train(cfg, tmp_path / "resumed")["steps"] == 3 * RESUME_STEPS_PER_EPOCH
+    a, b = (torch.load(d / "model.pt", weights_only=False) for d in (tmp_path / "straight", tmp_path / "resumed"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # bit for bit
+    assert str(a["resume"]["estimator"]) == str(b["resume"]["estimator"])
+
+
 def _history(run_dir: Path) -> list[dict]:
     import csv
 

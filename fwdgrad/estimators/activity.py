@@ -104,6 +104,17 @@ class ForwardActivity(SeededGenerators, GradientEstimator):
         out.update(self.dispatch.describe())
         return out
 
+    def state_dict(self) -> Dict[str, object]:
+        """What the next estimates depend on: the generators (the next tangents), the pass size that groups k > 1
+        tangents (the rounding) and a fallback to torch.func."""
+        return {"generators": self.generator_states(), "bytes_per_tangent": self.memory.bytes_per_tangent,
+                "fallback_reason": self.dispatch.fallback_reason}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.load_generator_states(state["generators"])  # type: ignore[arg-type]
+        self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
+        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
+
     # -- the module-level hook --------------------------------------------------------------------------------
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:
         """Write the FG-A estimate into every trainable parameter's ``.grad``; returns the output layer's loss."""

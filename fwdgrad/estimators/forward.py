@@ -142,13 +142,12 @@ class ForwardGradient(SeededGenerators, GradientEstimator):
     def state_dict(self) -> Dict[str, object]:
         """What the next estimates depend on: the generators' states (the next tangents), the memory policy's
         measurement (how the next pass is grouped, which changes the rounding) and a fallback to torch.func."""
-        return {"generators": {str(d): g.get_state() for d, g in self._generators.items()},
+        return {"generators": self.generator_states(),
                 "bytes_per_tangent": self.memory.bytes_per_tangent,
                 "fallback_reason": self.dispatch.fallback_reason}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        for device, rng_state in dict(state["generators"]).items():  # type: ignore[call-overload]
-            self.generator(torch.device(device)).set_state(rng_state)
+        self.load_generator_states(state["generators"])  # type: ignore[arg-type]
         self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
         self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
 

@@ -67,6 +67,20 @@ class LocalGuess(GradientEstimator):
         out.update(self.dispatch.describe())
         return out
 
+    def state_dict(self) -> Dict[str, object]:
+        """Nothing random; what changes the rounding of the next estimates: the measured pass size (how the
+        guesses are grouped into passes) and a fallback to torch.func."""
+        memory = self._memory
+        return {"memory": None if memory is None else (memory.num_tangents, memory.bytes_per_tangent),
+                "fallback_reason": self.dispatch.fallback_reason}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        memory = state.get("memory")
+        if memory is not None:
+            k, bytes_per_tangent = memory  # type: ignore[misc]
+            self._memory = TangentMemoryPolicy(int(k), False, bytes_per_tangent=bytes_per_tangent)
+        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
+
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:
         """Write the projected gradients (and the heads' local gradients) into ``.grad``; returns the loss."""
         blocks = local_blocks(model)

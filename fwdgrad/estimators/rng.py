@@ -131,3 +131,13 @@ class SeededGenerators:
         if device not in generators:
             generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return generators[device]
+
+    def generator_states(self) -> Dict[str, Tensor]:
+        """The generators' states by device name (for a checkpoint: the next random numbers)."""
+        generators: Dict[torch.device, torch.Generator] = self.__dict__.get("_generators", {})
+        return {str(d): g.get_state() for d, g in generators.items()}
+
+    def load_generator_states(self, states: Dict[str, Tensor]) -> None:
+        """Restore what :meth:`generator_states` returned."""
+        for device, state in dict(states).items():
+            self.generator(torch.device(device)).set_state(state)

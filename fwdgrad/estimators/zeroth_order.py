@@ -122,6 +122,13 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
             out["chunk_entries"] = self.chunk_entries
         return out
 
+    def state_dict(self) -> Dict[str, object]:
+        """The generators' states: the next tangents (all a resumed run needs to continue exactly)."""
+        return {"generators": self.generator_states()}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.load_generator_states(state["generators"])  # type: ignore[arg-type]
+
     # -- the three stages of a DirectionalEstimator (the data-parallel wrapper all-reduces (loss, d) between) ----
     def draw(self, params: Dict[str, Tensor]) -> TangentDraw:
         """This step's tangents: seeds only (:class:`ChunkedTangent`) for dense chunked distributions; otherwise
