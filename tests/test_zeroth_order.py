@@ -610,3 +610,31 @@ def test_passes_peak_within_ten_percent_of_a_no_grad_forward_pass():
     grad_mib = sum(p.numel() for p in params.values()) * 4 / 2**20
     step = tensor_peak_mib(lambda: est(loss_fn, params))  # + the n-float gradient it returns
     assert step <= 1.1 * max(fwd, grad_mib), (step, fwd, grad_mib)
+
+
+def test_running_statistics_from_a_perturbed_pass_are_announced(caplog):
+    # Central differences without exact_loss never evaluate f(theta): batch norm's running statistics then come
+    # from the theta + eps v pass. That is said once; with exact_loss (default) they are backprop's exactly.
+    from torch import nn
+
+    from fwdgrad import Backprop, estimate_module_grads
+    from fwdgrad.functional import cross_entropy
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+
+    def step(est):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        for _ in range(2):
+            estimate_module_grads(est, model, lambda out: cross_entropy(out, y), x)
+        return model[1].running_mean.clone()
+
+    with caplog.at_level("WARNING"):
+        exact, reference = step(ZerothOrder(epsilon=0.1, seed=3)), step(Backprop())
+    assert "running statistics" not in caplog.text
+    torch.testing.assert_close(exact, reference, rtol=0, atol=0)
+    with caplog.at_level("WARNING"):
+        perturbed = step(ZerothOrder(epsilon=0.1, seed=3, exact_loss=False))
+    assert caplog.text.count("running statistics are updated from a perturbed pass") == 1  # once, not per step
+    assert not torch.allclose(perturbed, reference)  # what the warning is about: O(eps) off

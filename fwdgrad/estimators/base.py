@@ -18,6 +18,7 @@ read its blocks) implement the optional module-level hook of :class:`ModuleEstim
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -30,6 +31,8 @@ from torch.func import functional_call
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.buffers import StepBuffers
 from fwdgrad.local_losses import local_blocks
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Params",
@@ -179,6 +182,11 @@ class GradientEstimator(ABC):
     #: block its own loss's gradient exactly for an exact estimator (the blocks are detached), in one pass.
     separate_local_losses: bool = True
 
+    #: Whether a step's first evaluation of the loss is at the given parameters: batch norm's running statistics
+    #: are taken from it (:class:`~fwdgrad.estimators.buffers.StepBuffers`). An estimator whose first evaluation is
+    #: perturbed says False, and :func:`estimate_module_grads` warns that the statistics come from a perturbed pass.
+    first_evaluation_at_params: bool = True
+
     @abstractmethod
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         """Return the loss at ``params`` (detached) and a gradient estimate shaped like ``params``."""
@@ -274,6 +282,19 @@ class Backprop(GradientEstimator):
         return {}  # exact: nothing random
 
 
+def warn_perturbed_statistics(estimator: GradientEstimator, model: nn.Module) -> None:
+    """Log once per estimator that ``model``'s batch-norm running statistics will come from a perturbed pass."""
+    if estimator.__dict__.get("_warned_statistics"):
+        return
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+           for m in model.modules()):
+        estimator.__dict__["_warned_statistics"] = True
+        log.warning("%s evaluates the loss only at perturbed parameters, so batch norm's running statistics are "
+                    "updated from a perturbed pass (off by the size of the perturbation). For statistics at the "
+                    "parameters themselves, use exact_loss=true (one more no-grad pass per step).",
+                    type(estimator).__name__)
+
+
 def mean_loss(loss: Tensor) -> Tensor:
     """The loss itself if it is a scalar, else the mean of per-example losses."""
     return loss if loss.dim() == 0 else loss.mean()
@@ -314,6 +335,8 @@ def estimate_module_grads(
         return estimate_local_grads(estimator, model, blocks, loss_of_output, inputs)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = StepBuffers(model)
+    if not estimator.first_evaluation_at_params:
+        warn_perturbed_statistics(estimator, model)
 
     def loss_fn(p: Dict[str, Tensor]) -> Tensor:
         work = buffers.fresh()

@@ -122,6 +122,11 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
             out["chunk_entries"] = self.chunk_entries
         return out
 
+    @property
+    def first_evaluation_at_params(self) -> bool:  # type: ignore[override]
+        """Central differences without ``exact_loss`` evaluate only at ``theta +- eps v``."""
+        return self.exact_loss or self.difference != "central"
+
     def state_dict(self) -> Dict[str, object]:
         """The generators' states: the next tangents (all a resumed run needs to continue exactly)."""
         return {"generators": self.generator_states()}
