@@ -100,15 +100,18 @@ class Variant:
     backend: str = ""
     regenerate: Union[bool, str] = "auto"  # ForwardGradient's regenerate_tangents
     local: bool = False  # the model trains with local losses (fwdgrad.local_losses): LG-BP, LG-FG-W, LG-FG-A
+    groups: int = 1  # with local losses: unit groups per block, each with its own loss (model.local_groups)
+    aggregation: str = "mean"  # ForwardGradient's aggregation
 
     @property
     def label(self) -> str:
-        prefix = "local " if self.local else ""
+        prefix = ("local " if self.local else "") + (f"{self.groups}-group " if self.groups > 1 else "")
         if self.name in ("fga", "zo"):
             return f"{prefix}{self.name} {self.distribution} k={self.k}"
         if self.name != "fg":
             return prefix + self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
+        suffix += "" if self.aggregation == "mean" else f" {self.aggregation}"
         backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
         return prefix + f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
 
@@ -164,14 +167,15 @@ BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]]
 FROG_MODELS = ("lenet5", "resnet18", "vit", "mlp_mixer")
 
 
-def build_model(name: str, quick: bool, local: bool = False) -> nn.Module:
+def build_model(name: str, quick: bool, local: bool = False, groups: int = 1) -> nn.Module:
     if name not in BENCH_MODELS:
         raise BenchError(f"unknown model {name!r}; use --models with any of {', '.join(BENCH_MODELS)} "
                          "(comma separated).")
-    if local:  # the local-loss rows (issue 12): the MLP and conv net with auxiliary heads
+    if local:  # the local-loss rows (issue 12): the MLP and conv net with auxiliary heads (and unit groups)
         if name == "mlp":
-            return MLP(SHAPE, 10, (64, 64) if quick else (1024, 1024), local_losses=True)
-        return ConvNet(SHAPE, 10, local_losses=True, **(dict(channels=4, hidden_size=32) if quick else {}))
+            return MLP(SHAPE, 10, (64, 64) if quick else (1024, 1024), local_losses=True, local_groups=groups)
+        tiny = dict(channels=4 if groups == 1 else 16, hidden_size=32)  # --quick: channels that groups divide
+        return ConvNet(SHAPE, 10, local_losses=True, local_groups=groups, **(tiny if quick else {}))
     return BENCH_MODELS[name][1 if quick else 0]()
 
 
@@ -190,9 +194,13 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
     out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
     if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
         out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
-    # activity perturbation and local losses (issue 12): FG-A, LG-BP, LG-FG-W, LG-FG-A, local-gradient guesses
+    if "normal" in dists and 16 in ks:  # issue 12's table: the projection onto 16 tangents (a 16 x 16 Gram solve more)
+        out.append(Variant("fg", "normal", 16, "auto", aggregation="projection"))
+    # activity perturbation and local losses (issue 12): FG-A, LG-BP, LG-FG-W, LG-FG-A (also with 16 unit groups),
+    # local-gradient guesses
     out += [Variant("fga", "normal", 1), Variant("backprop", local=True), Variant("fg", "normal", 1, "auto", local=True),
-            Variant("fga", "normal", 1, local=True), Variant("guess", local=True)]
+            Variant("fga", "normal", 1, local=True), Variant("fga", "normal", 1, local=True, groups=16),
+            Variant("guess", local=True)]
     return out + [Variant("zo", "normal", k) for k in zo_ks]
 
 
@@ -226,7 +234,8 @@ def make_estimator(v: Variant) -> GradientEstimator:
         return LocalGuess()
     if v.name == "zo":
         return ZerothOrder(v.k, distribution=v.distribution, seed=0)
-    return ForwardGradient(v.k, "mean", v.distribution, seed=0, backend=v.backend, regenerate_tangents=v.regenerate)
+    return ForwardGradient(v.k, v.aggregation, v.distribution, seed=0, backend=v.backend,
+                           regenerate_tangents=v.regenerate)
 
 
 # -- memory ------------------------------------------------------------------------------------------------
@@ -317,10 +326,10 @@ def bench_group(
     device: torch.device, rng: random.Random,
 ) -> List[Result]:
     models = {}
-    for local in (False, True):  # the same network (same seed); the local one has auxiliary heads as well
-        torch.manual_seed(0)
-        models[local] = build_model(model_name, args.quick, local).to(device)
-    model = models[False]
+    for local, groups in sorted({(False, 1), *((v.local, v.groups) for v in vs)}):
+        torch.manual_seed(0)  # the same network (same seed); the local ones have auxiliary heads as well
+        models[local, groups] = build_model(model_name, args.quick, local, groups).to(device)
+    model = models[False, 1]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 28, 28, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
@@ -331,7 +340,7 @@ def bench_group(
     peaks: Dict[str, tuple[float, float]] = {}
     warm: Dict[str, float] = {}
     for v in vs:  # two warm-up steps per configuration = its memory measurement, with a fresh estimator
-        m = models[v.local]
+        m = models[v.local, v.groups]
         peaks[v.label] = mem.measure(lambda: make_step(v, m, x, y))
         m.zero_grad(set_to_none=True)
         fn = make_step(v, m, x, y)
