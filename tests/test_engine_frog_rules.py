@@ -319,3 +319,13 @@ def test_sdpa_with_dropout_is_refused_not_approximated():
     with pytest.raises(Unsupported, match="dropout_p"):
         forward_tangents(lambda p: F.scaled_dot_product_attention(p["q"], q, q, dropout_p=0.1).sum(), {"q": q},
                          {"q": _r(1, 2, 4, 3)}, 1)
+
+
+# -- smooth activations through their fused backward kernels ----------------------------------------------------
+@pytest.mark.parametrize("act", [torch.tanh, torch.sigmoid, F.silu, F.gelu, lambda z: F.gelu(z, approximate="tanh"),
+                                 Tensor.tanh, Tensor.sigmoid],
+                         ids=["tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "Tensor.tanh", "Tensor.sigmoid"])
+@pytest.mark.parametrize("k,rank1", [(1, False), (3, False), (3, True)])
+def test_smooth_activations_match_jvp(act, k, rank1):
+    # after a linear layer, so the tangent arrives batch-major (and, with rank-1 weight tangents, structured)
+    _check(lambda p: (act(F.linear(X3, p["w"], p["b"])),), {"w": _r(5, 7, seed=2), "b": _r(5, seed=3)}, k, rank1)

@@ -35,35 +35,54 @@ def _relu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
     return s.attach(out, torch.ops.aten.threshold_backward(tx, out.expand_as(tx), 0))
 
 
+# The smooth activations below take y_dot = s'(x) x_dot from the activation's own backward kernel (what backprop
+# runs: ``*_backward(grad, ...)`` is grad * s'(x)), one fused pass over the k tangents with the primal broadcast as
+# a stride-0 view, instead of building s'(x) from several elementwise ops. Inside a pass that runs within another
+# pass (a loss that calls forward_tangents), the enclosing pass must see differentiable ops, so there the rules
+# build s'(x) from elementwise ops, which that pass has rules for.
+
+
+def nested() -> bool:
+    """Whether an enclosing TorchFunctionMode (another pass) sees the ops this rule runs."""
+    return torch._C._len_torch_function_stack() > 0
+
+
 @register(torch.tanh, T.tanh, F.tanh)
 def _tanh(s: PassState, x: Tensor) -> Tensor:
+    tx = dense(s.tangent(x))
     out = torch.tanh(x)
-    return s.attach(out, dense(s.tangent(x)) * (1 - out * out))
+    if nested():
+        return s.attach(out, tx * (1 - out * out))
+    return s.attach(out, torch.ops.aten.tanh_backward(tx, out.expand_as(tx)))  # x_dot (1 - y^2)
 
 
 @register(torch.sigmoid, T.sigmoid, F.sigmoid)
 def _sigmoid(s: PassState, x: Tensor) -> Tensor:
+    tx = dense(s.tangent(x))
     out = torch.sigmoid(x)
-    return s.attach(out, dense(s.tangent(x)) * (out * (1 - out)))
+    if nested():
+        return s.attach(out, tx * (out * (1 - out)))
+    return s.attach(out, torch.ops.aten.sigmoid_backward(tx, out.expand_as(tx)))  # x_dot y (1 - y)
 
 
 @register(F.silu)
 def _silu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
-    sig = torch.sigmoid(x)
-    out = x * sig
-    # d/dx x s(x) = s + x s (1 - s)
-    return s.attach(out, dense(s.tangent(x)) * (sig * (1 + x * (1 - sig))))
+    tx = dense(s.tangent(x))
+    if nested():
+        sig = torch.sigmoid(x)
+        return s.attach(x * sig, tx * (sig * (1 + x * (1 - sig))))  # d/dx x s(x) = s + x s (1 - s)
+    out = F.silu(x)  # never in place: the tangent needs x
+    return s.attach(out, torch.ops.aten.silu_backward(tx, x.expand_as(tx)))
 
 
 @register(F.gelu)
 def _gelu(s: PassState, x: Tensor, approximate: str = "none") -> Tensor:
-    if approximate != "none":
-        raise Unsupported("gelu(approximate='tanh')")
-    out = F.gelu(x)
-    # d/dx x Phi(x) = Phi(x) + x phi(x)
-    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2))))
-    pdf = torch.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return s.attach(out, dense(s.tangent(x)) * (cdf + x * pdf))
+    tx = dense(s.tangent(x))
+    out = F.gelu(x, approximate=approximate)
+    if nested():  # its derivative needs erf, which has no rule: the estimator falls back to torch.func, visibly
+        raise Unsupported("gelu inside a pass within another pass")
+    # exact: Phi(x) + x phi(x); "tanh": the derivative of torch's tanh approximation
+    return s.attach(out, torch.ops.aten.gelu_backward(tx, x.expand_as(tx), approximate=approximate))
 
 
 # -- elementwise functions --------------------------------------------------------------------------------
