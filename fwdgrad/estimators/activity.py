@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fwdgrad.engine import add_perturbation, zero_perturbation
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.backends import BackendDispatch
+from fwdgrad.estimators.backends import BackendDispatch, PassStateDict
 from fwdgrad.estimators.base import GradientEstimator, LossFn, OutputLoss, Params, mean_loss
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.rng import ChunkedRNG, SeededGenerators
@@ -49,7 +49,7 @@ ACTIVITY_AGGREGATIONS = ("mean", "sum", "projection")
 Records = Dict[str, Tuple[Tensor, Tensor]]  # site name -> (its input x, its output z), primal
 
 
-class ForwardActivity(SeededGenerators, GradientEstimator):
+class ForwardActivity(PassStateDict, SeededGenerators, GradientEstimator):
     """FG-A (module docstring). A module-level estimator: used through
     :func:`~fwdgrad.estimators.estimate_module_grads` (the training loop does), with per-example losses.
 
@@ -103,17 +103,6 @@ class ForwardActivity(SeededGenerators, GradientEstimator):
                                   "seed": self.seed, "exact_output_layer": self.exact_output_layer}
         out.update(self.dispatch.describe())
         return out
-
-    def state_dict(self) -> Dict[str, object]:
-        """What the next estimates depend on: the generators (the next tangents), the pass size that groups k > 1
-        tangents (the rounding) and a fallback to torch.func."""
-        return {"generators": self.generator_states(), "bytes_per_tangent": self.memory.bytes_per_tangent,
-                "fallback_reason": self.dispatch.fallback_reason}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        self.load_generator_states(state["generators"])  # type: ignore[arg-type]
-        self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
-        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
 
     # -- the module-level hook --------------------------------------------------------------------------------
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:

@@ -31,7 +31,8 @@ from fwdgrad.estimators.base import Backprop, check_scalar_loss
 from fwdgrad.estimators.regeneration import TangentMemoryPolicy
 from fwdgrad.estimators.tangents import dense_tangent
 
-__all__ = ["BACKENDS", "BackendDispatch", "fast_derivatives", "func_derivatives", "simulated_derivatives"]
+__all__ = ["BACKENDS", "BackendDispatch", "PassStateDict", "fast_derivatives", "func_derivatives",
+           "simulated_derivatives"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,23 @@ def simulated_derivatives(
         else:
             d += dense_tangent(t).reshape(k, -1).to(torch.float64) @ g.reshape(-1)
     return loss, d.to(loss.dtype)
+
+
+class PassStateDict:
+    """Mixin: ``state_dict()`` / ``load_state_dict()`` for an estimator with its own generators
+    (:class:`~fwdgrad.estimators.rng.SeededGenerators`), a memory policy ``self.memory`` and a ``self.dispatch``:
+    what its next estimates depend on: the generators' states (the next tangents), the policy's measurement (how
+    the next pass is grouped, which changes the rounding) and a fallback to torch.func."""
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"generators": self.generator_states(),  # type: ignore[attr-defined]
+                "bytes_per_tangent": self.memory.bytes_per_tangent,  # type: ignore[attr-defined]
+                "fallback_reason": self.dispatch.fallback_reason}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.load_generator_states(state["generators"])  # type: ignore[attr-defined]
+        self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[attr-defined]
+        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[attr-defined]
 
 
 class BackendDispatch:

@@ -28,7 +28,7 @@ from fwdgrad.estimators.aggregation import (
     combine,
     combine_tangent,
 )
-from fwdgrad.estimators.backends import BackendDispatch
+from fwdgrad.estimators.backends import BackendDispatch, PassStateDict
 from fwdgrad.estimators.base import (
     GradientEstimator,
     LossFn,
@@ -57,7 +57,7 @@ def resolve_distribution(distribution: Union[str, TangentDistribution]) -> Tuple
                       f"TangentDistribution, got {distribution!r}.")
 
 
-class ForwardGradient(SeededGenerators, GradientEstimator):
+class ForwardGradient(PassStateDict, SeededGenerators, GradientEstimator):
     """Forward-gradient estimator with ``num_tangents`` tangents per step.
 
     Args:
@@ -138,18 +138,6 @@ class ForwardGradient(SeededGenerators, GradientEstimator):
         if self.memory.max_tangent_mib != 256.0:
             out["max_tangent_mib"] = self.memory.max_tangent_mib
         return out
-
-    def state_dict(self) -> Dict[str, object]:
-        """What the next estimates depend on: the generators' states (the next tangents), the memory policy's
-        measurement (how the next pass is grouped, which changes the rounding) and a fallback to torch.func."""
-        return {"generators": self.generator_states(),
-                "bytes_per_tangent": self.memory.bytes_per_tangent,
-                "fallback_reason": self.dispatch.fallback_reason}
-
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        self.load_generator_states(state["generators"])  # type: ignore[arg-type]
-        self.memory.bytes_per_tangent = state.get("bytes_per_tangent")  # type: ignore[assignment]
-        self.dispatch.fallback_reason = state.get("fallback_reason")  # type: ignore[assignment]
 
     # -- the three stages, public so that a wrapper can act between them (e.g. all-reduce ``d``) ----------------
     def draw(self, params: Dict[str, Tensor]) -> TangentDraw:
