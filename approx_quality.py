@@ -4,14 +4,14 @@
     python approx_quality.py num_samples=50 'source.dims=[1000]' 'distributions=[normal]'
 
 Writes approx_quality.csv, cosine_vs_k.png and norm_ratio_vs_k.png into the Hydra run directory
-(outputs/approx_quality/<timestamp>/). See fwdgrad/analysis.py for the maths.
+(outputs/approx_quality/<timestamp>/). See fwdgrad/experiments/quality/analysis.py for the maths.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.analysis import run_approx_quality
-from fwdgrad.cli import hydra_task, run_hydra
+from fwdgrad.experiments.quality.analysis import run_approx_quality
+from fwdgrad.app.cli import hydra_task, run_hydra
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="approx_quality")

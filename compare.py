@@ -5,12 +5,12 @@
     python compare.py outputs/mnist_fwdgrad/SWEEP_multirun/   # every run of a -m sweep, one line each
     python compare.py RUNS... --out results/cmp         # default: a new outputs/compare/<timestamp>/
 
-Writes comparison.png and comparison.md and prints the table. The run contract: fwdgrad/training/run_files.py.
+Writes comparison.png and comparison.md and prints the table. The run contract: fwdgrad/experiments/training/run_files.py.
 """
 
 import sys
 
-from fwdgrad.compare import main
+from fwdgrad.experiments.compare.runs import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,8 +13,8 @@ go to the Hydra run directory under outputs/global_optim/.
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.cli import hydra_task, run_hydra
-from fwdgrad.optimize import run
+from fwdgrad.app.cli import hydra_task, run_hydra
+from fwdgrad.experiments.global_optim.optimize import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="global_optim")

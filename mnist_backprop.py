@@ -4,14 +4,14 @@
     python mnist_backprop.py [overrides]    backprop          (configs/mnist_backprop.yaml)
 
 e.g. model=conv dataset=fashion_mnist optimization=adam gradient.num_tangents=16, or +experiment=reference_mnist.
-All the work is in fwdgrad.training; the two scripts differ only in config_name.
+All the work is in fwdgrad.experiments.training; the two scripts differ only in config_name.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from fwdgrad.cli import hydra_task, run_hydra
-from fwdgrad.training import run
+from fwdgrad.app.cli import hydra_task, run_hydra
+from fwdgrad.experiments.training import run
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="mnist_backprop")

@@ -17,13 +17,13 @@ New tangent distributions and aggregations join by a decorator, with no edit to 
 
 Beyond weight perturbation: ``ForwardActivity`` (activity perturbation, FG-A) and ``LocalGuess`` (local-gradient
 guesses) estimate from the model itself, through ``estimate_module_grads``; models built with
-``local_losses=True`` train every block on its own loss whatever the estimator (:mod:`fwdgrad.local_losses`).
+``local_losses=True`` train every block on its own loss whatever the estimator (:mod:`fwdgrad.nn.local_losses`).
 
 The parts (tangents, rng, aggregation, regeneration, backends) are in :mod:`fwdgrad.estimators`.
 """
 
-# Before anything imports torch: libgomp reads its spin setting once, when torch loads it (fwdgrad.openmp).
-from fwdgrad.openmp import shorten_openmp_spin
+# Before anything imports torch: libgomp reads its spin setting once, when torch loads it (fwdgrad.perf.openmp).
+from fwdgrad.perf.openmp import shorten_openmp_spin
 
 shorten_openmp_spin()
 
@@ -49,7 +49,7 @@ from fwdgrad.estimators import (  # noqa: E402
     register_distribution,
     total_numel,
 )
-from fwdgrad import functional  # noqa: E402
+from fwdgrad.nn import functional  # noqa: E402
 
 __all__ = [
     "AGGREGATIONS",

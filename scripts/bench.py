@@ -36,7 +36,7 @@ warm-up and to measure its peak memory; then rounds visit all configurations in 
 ``inner`` back-to-back steps (enough for about ``--min-sample-ms``); the table shows medians over the rounds.
 Everything runs in one process.
 
-Peak memory (:mod:`fwdgrad.memory`), over those first two steps of a fresh estimator (so buffers it keeps
+Peak memory (:mod:`fwdgrad.perf.memory`), over those first two steps of a fresh estimator (so buffers it keeps
 between steps count, and the second step runs with what the first measured), above the memory before them:
 ``peak MiB`` is tensor memory (CUDA ``max_memory_allocated``; on the CPU the same, rebuilt from the
 profiler's allocation events: exact and repeatable), ``RSS MiB`` the growth of the resident set over two
@@ -68,19 +68,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
     sys.path.insert(0, str(ROOT))
 
-import fwdgrad  # noqa: E402,F401  (first: it shortens OpenMP's spin before torch loads, fwdgrad.openmp)
+import fwdgrad  # noqa: E402,F401  (first: it shortens OpenMP's spin before torch loads, fwdgrad.perf.openmp)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from fwdgrad import (Backprop, ForwardActivity, ForwardGradient, GradientEstimator, LocalGuess,  # noqa: E402
                      ZerothOrder, estimate_module_grads)
-from fwdgrad.cli import run_cli  # noqa: E402
+from fwdgrad.app.cli import run_cli  # noqa: E402
 from fwdgrad.errors import ConfigError  # noqa: E402
-from fwdgrad.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
-from fwdgrad.openmp import openmp_spin_setting  # noqa: E402
-from fwdgrad.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
-from fwdgrad.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer  # noqa: E402
+from fwdgrad.perf.memory import RssPeak, tensor_peak_mib, tune_malloc  # noqa: E402
+from fwdgrad.perf.openmp import openmp_spin_setting  # noqa: E402
+from fwdgrad.nn.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
+from fwdgrad.nn.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer  # noqa: E402
 
 log = logging.getLogger("bench")
 MIB = 2**20
@@ -101,7 +101,7 @@ class Variant:
     k: int = 0
     backend: str = ""
     regenerate: Union[bool, str] = "auto"  # ForwardGradient's regenerate_tangents
-    local: bool = False  # the model trains with local losses (fwdgrad.local_losses): LG-BP, LG-FG-W, LG-FG-A
+    local: bool = False  # the model trains with local losses (fwdgrad.nn.local_losses): LG-BP, LG-FG-W, LG-FG-A
     groups: int = 1  # with local losses: unit groups per block, each with its own loss (model.local_groups)
     aggregation: str = "mean"  # ForwardGradient's aggregation
 
@@ -242,7 +242,7 @@ def make_estimator(v: Variant) -> GradientEstimator:
 
 # -- memory ------------------------------------------------------------------------------------------------
 class PeakMemory:
-    """Peak tensor memory and resident-set growth of a call (see :mod:`fwdgrad.memory`)."""
+    """Peak tensor memory and resident-set growth of a call (see :mod:`fwdgrad.perf.memory`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -431,9 +431,9 @@ def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.dev
 
 def estimator_quality(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str]) -> List[Dict[str, object]]:
     """What the speed buys: cosine similarity to the true gradient and E|g - a|^2 / |a|^2, measured over
-    ``--quality-draws`` estimates and predicted by :mod:`fwdgrad.structured`, per distribution and k."""
+    ``--quality-draws`` estimates and predicted by :mod:`fwdgrad.experiments.quality.structured`, per distribution and k."""
     from fwdgrad.estimators import cosine_similarity
-    from fwdgrad.structured import total_variance
+    from fwdgrad.experiments.quality.structured import total_variance
 
     torch.manual_seed(0)
     model = build_model("mlp", args.quick)
@@ -467,7 +467,7 @@ def estimator_quality(args: argparse.Namespace, ks: Sequence[int], dists: Sequen
 def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int = 60) -> Dict[str, object]:
     """The MNIST training loop's own cost on top of the estimator step (target: at most +10%).
 
-    Alternates ``rounds`` times between (a) ``fwdgrad.training.train`` for ``steps`` steps of the default MLP with
+    Alternates ``rounds`` times between (a) ``fwdgrad.experiments.training.train`` for ``steps`` steps of the default MLP with
     forward gradients (k=1), batch 256, reading its median ``time/step_ms`` (batching, the optimizer and lr
     scheduler, logging and the train-accuracy pass included), and (b) a bare loop of the same estimator call
     alone, and of estimator + optimizer step, on the same data. Uses the real MNIST test set from
@@ -477,8 +477,8 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
 
     from hydra import compose, initialize_config_dir
 
-    from fwdgrad.data import iterate_batches
-    from fwdgrad.training import train
+    from fwdgrad.experiments.data import iterate_batches
+    from fwdgrad.experiments.training import train
 
     shared = ROOT.parent / "shared" / "data" / "mnist"
     batch = 32 if args.quick else 256
@@ -509,7 +509,7 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
         return (time.perf_counter() - t) * 1000 / len(batches)
 
     loop_ms, est_ms, est_opt_ms = [], [], []
-    logging.getLogger("fwdgrad.training").setLevel(logging.WARNING)
+    logging.getLogger("fwdgrad.experiments.training").setLevel(logging.WARNING)
     bare(True)  # warm-up
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -657,8 +657,8 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
           f"device {info['device']}" + (f" ({info['gpu']})" if "gpu" in info else "")
           + (f"; load average at start {info.get('loadavg_start')}, at end {info.get('loadavg_end')}"
              if "loadavg_start" in info else "") + "; glibc malloc "
-          + ("tuned to keep freed memory (fwdgrad.memory.tune_malloc)" if info.get("malloc_tuned") else "defaults")
-          + f"; OpenMP wait {info.get('openmp_wait')} (fwdgrad.openmp).",
+          + ("tuned to keep freed memory (fwdgrad.perf.memory.tune_malloc)" if info.get("malloc_tuned") else "defaults")
+          + f"; OpenMP wait {info.get('openmp_wait')} (fwdgrad.perf.openmp).",
           "",
           f"Median of up to {args.repeats} interleaved samples per row (each of `inner` back-to-back steps), "
           f"{'wall-clock time' if args.clock == 'wall' else 'CPU time of the (single) computing thread'}. "
@@ -691,7 +691,7 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
     if quality:
         md += [f"Estimate quality on the MLP (batch 64, random data, {args.quality_draws} estimates each, mean "
                "aggregation): cosine similarity to the backprop gradient, and E|g - a|^2 / |a|^2 measured "
-               "and predicted (fwdgrad.structured).", "",
+               "and predicted (fwdgrad.experiments.quality.structured).", "",
                "| tangents | k | cosine (mean ± sd) | E‖g−a‖²/‖a‖² measured | predicted |", "|---|---:|---:|---:|---:|"]
         md += [f"| {q['distribution']} | {q['k']} | {q['cosine_mean']:.2e} ± {q['cosine_sd']:.1e} | "
                f"{q['rel_err_measured']:.4g} | {q['rel_err_predicted']:.4g} |" for q in quality]
@@ -739,7 +739,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
     p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default malloc thresholds (see fwdgrad.memory.tune_malloc)")
+                   help="keep glibc's default malloc thresholds (see fwdgrad.perf.memory.tune_malloc)")
     p.add_argument("--deep-layers", type=int, default=32)
     p.add_argument("--deep-width", type=int, default=1024)
     p.add_argument("--deep-batch", type=int, default=2048)

@@ -14,7 +14,7 @@ Used for docs/performance-scaling.md.
 normal fill of the MLP's 1.86M tangent entries run serially and on the estimator's thread pool, a 1M-float
 ``add_`` (one OpenMP parallel region), and the pool fill right after such a region. The OpenMP runtime's
 worker keeps spinning after a region (libgomp: ``GOMP_SPINCOUNT``/``OMP_WAIT_POLICY``), which shows as CPU
-time beyond the region's work. Importing fwdgrad shortens the spin (``GOMP_SPINCOUNT=10000``, fwdgrad.openmp);
+time beyond the region's work. Importing fwdgrad shortens the spin (``GOMP_SPINCOUNT=10000``, fwdgrad.perf.openmp);
 compare with ``GOMP_SPINCOUNT=300000`` (libgomp's default) or ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 """
 
@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from fwdgrad import Backprop, ForwardActivity, ForwardGradient, GradientEstimator, estimate_module_grads  # noqa: E402
-from fwdgrad.cli import run_cli  # noqa: E402
-from fwdgrad.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
-from fwdgrad.memory import tune_malloc  # noqa: E402
-from fwdgrad.models import MLP  # noqa: E402
+from fwdgrad.app.cli import run_cli  # noqa: E402
+from fwdgrad.nn.functional import cross_entropy, per_example_cross_entropy  # noqa: E402
+from fwdgrad.perf.memory import tune_malloc  # noqa: E402
+from fwdgrad.nn.models import MLP  # noqa: E402
 
 log = logging.getLogger("profile_step")
 
@@ -107,8 +107,8 @@ def report(variant: str, batch: int, threads: int, steps: int, top: int) -> List
 
 def spin_check(trials: int = 40) -> List[str]:
     """Process CPU time (min and lower quartile over ``trials``) of the calls listed in the module docstring."""
-    from fwdgrad.estimators.rng import ChunkedRNG, run_serial
-    from fwdgrad.estimators.tangents import Normal
+    from fwdgrad.estimators.tangents.rng import ChunkedRNG, run_serial
+    from fwdgrad.estimators.tangents.distributions import Normal
 
     rng, op = ChunkedRNG(), Normal().fill_jobs
     buf, big = torch.empty(1863690), torch.ones(1024, 1024)

@@ -40,10 +40,10 @@ import torch  # noqa: E402
 from torch.func import functional_call, jvp  # noqa: E402
 
 from fwdgrad import ZerothOrder  # noqa: E402
-from fwdgrad.cli import run_cli  # noqa: E402
-from fwdgrad.data import mnist  # noqa: E402
-from fwdgrad.functional import cross_entropy  # noqa: E402
-from fwdgrad.models import MLP  # noqa: E402
+from fwdgrad.app.cli import run_cli  # noqa: E402
+from fwdgrad.experiments.data import mnist  # noqa: E402
+from fwdgrad.nn.functional import cross_entropy  # noqa: E402
+from fwdgrad.nn.models import MLP  # noqa: E402
 
 log = logging.getLogger("zo_epsilon")
 EPSILONS = [10.0**e for e in (-6, -5.5, -5, -4.5, -4, -3.5, -3, -2.5, -2, -1.5, -1, -0.5, 0)]

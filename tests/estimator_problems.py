@@ -11,9 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 from fwdgrad import Backprop
-from fwdgrad.functional import cross_entropy
-from fwdgrad.functions import Beale, Rosenbrock
-from fwdgrad.models import MLP, ConvNet, LogisticRegression
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock
+from fwdgrad.nn.models import MLP, ConvNet, LogisticRegression
 
 Z = 4.5
 DT = torch.float64

@@ -23,14 +23,14 @@ import torch
 from estimator_problems import DT, Z
 
 from fwdgrad import Backprop, ForwardActivity, ForwardGradient, estimate_module_grads
-from fwdgrad.distributed import DataParallelEstimator
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, TangentDistribution, TangentDraw
 from fwdgrad.estimators.local import LocalObjective
-from fwdgrad.estimators.sites import local_sites, model_sites, probe, trainable_layers
-from fwdgrad.functional import per_example_cross_entropy
-from fwdgrad.local_losses import local_blocks
-from fwdgrad.models import MLP, ConvNet
+from fwdgrad.estimators.activity.sites import local_sites, model_sites, probe, trainable_layers
+from fwdgrad.nn.functional import per_example_cross_entropy
+from fwdgrad.nn.local_losses import local_blocks
+from fwdgrad.nn.models import MLP, ConvNet
 
 BASIS = "test_activity_basis"
 

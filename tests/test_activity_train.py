@@ -10,9 +10,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from fwdgrad.distributed import DataParallelEstimator
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.errors import ConfigError
-from fwdgrad.training import train
+from fwdgrad.experiments.training import train
 from mnist_helpers import TINY, compose_cfg
 
 SMALL_MLP = ("model.hidden_sizes=[64,64]",)

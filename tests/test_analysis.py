@@ -1,7 +1,7 @@
 """Approximation quality: the measured cosine similarity against its exact law, exactness at k = n, outputs.
 
 For Gaussian tangents cos^2 between the estimate and the true gradient is Beta-distributed (derivation in
-fwdgrad/analysis.py): Beta(k/2, (n-k)/2) for the projection, Beta(k/2, (n-1)/2) for mean and sum. The mean of M
+fwdgrad/experiments/quality/analysis.py): Beta(k/2, (n-k)/2) for the projection, Beta(k/2, (n-1)/2) for mean and sum. The mean of M
 i.i.d. draws of a quantity with variance s^2 has standard error s / sqrt(M); we allow Z = 4.5 standard errors
 (two-sided tail 7e-6 per check) with the exact variances
     Var[cos^2] = alpha beta / ((alpha+beta)^2 (alpha+beta+1))        (projection: k(n-k) / (n^2 (n/2+1)))
@@ -27,7 +27,7 @@ from omegaconf import open_dict
 
 from fwdgrad import TANGENT_DISTRIBUTIONS, ForwardGradient
 from fwdgrad.errors import ConfigError
-from fwdgrad.analysis import (
+from fwdgrad.experiments.quality.analysis import (
     _normalise_source,
     approx_quality_table,
     cos2_variance,

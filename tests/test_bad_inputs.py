@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from fwdgrad import Backprop, ForwardGradient
-from fwdgrad.analysis import run_approx_quality
-from fwdgrad.data import Splits, mnist
-from fwdgrad.distributed import DataParallelEstimator
+from fwdgrad.experiments.quality.analysis import run_approx_quality
+from fwdgrad.experiments.data import Splits, mnist
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.errors import ConfigError, DatasetError
 from fwdgrad.estimators import GradientEstimator
-from fwdgrad.optimize import run_global_optim
-from fwdgrad.schema import ApproxQualityConfig, GlobalOptimConfig, TrainingConfig, validate_config
-from fwdgrad.training import train
+from fwdgrad.experiments.global_optim.optimize import run_global_optim
+from fwdgrad.app.schema import ApproxQualityConfig, GlobalOptimConfig, TrainingConfig, validate_config
+from fwdgrad.experiments.training import train
 from mnist_helpers import CONFIGS, ROOT, TINY, compose_cfg
 from test_data import _fake_mnist
 
@@ -57,7 +57,7 @@ def test_training_refuses_unread_keys_and_bad_types(override: str, match: str, t
 
 def test_a_script_refuses_a_key_nothing_reads_in_one_line_with_exit_2(tmp_path: Path):
     # The issue's command, as a user runs it: the exit status and the one [ERROR] line come from the one entry-point
-    # path (fwdgrad/cli.py), the same for every script and every UserError; the other scripts are tried in process.
+    # path (fwdgrad/app/cli.py), the same for every script and every UserError; the other scripts are tried in process.
     proc = subprocess.run([sys.executable, str(ROOT / "mnist_fwdgrad.py"), "+optimization.lr=0.1",
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
@@ -213,7 +213,7 @@ def test_an_unreadable_data_folder_is_named(tmp_path: Path, monkeypatch):
 #: Run under setpriv: load each data folder and print the one-paragraph message (one interpreter for both cases).
 _LOAD_EACH = """
 import sys
-from fwdgrad.data import mnist
+from fwdgrad.experiments.data import mnist
 from fwdgrad.errors import DatasetError
 for root in sys.argv[1:]:
     try:

@@ -17,7 +17,7 @@ from fwdgrad.estimators import (
     from_param_dict,
     total_numel,
 )
-from fwdgrad.functional import cross_entropy
+from fwdgrad.nn.functional import cross_entropy
 
 
 def test_module_helper_writes_grads_usable_by_torch_optim():

@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from torchvision.datasets import CIFAR10, SVHN
 
-from fwdgrad import data
-from fwdgrad.data import CorruptDatasetError, DatasetNotFoundError
+from fwdgrad.experiments import data
+from fwdgrad.experiments.data import CorruptDatasetError, DatasetNotFoundError
 from mnist_helpers import compose_cfg
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fwdgrad.compare import (
+from fwdgrad.experiments.compare.runs import (
     RunDirError,
     curve,
     default_run_dirs,
@@ -44,7 +44,7 @@ dataset:
   name: mnist
   root: /data/mnist
 model:
-  _target_: fwdgrad.models.MLP
+  _target_: fwdgrad.nn.models.MLP
   hidden_sizes:
   - 128
   activation: relu
@@ -203,7 +203,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 
 def test_stopped_column_only_when_a_run_stopped(tmp_path):
-    from fwdgrad.compare import markdown_table
+    from fwdgrad.experiments.compare.runs import markdown_table
 
     runs = [load_run(make_run(tmp_path / "a", k=1)), load_run(make_run(tmp_path / "b", k=2))]
     label_runs(runs)
@@ -218,7 +218,7 @@ def test_flatten_skips_run_time_only_missing_values():
     # Real run configs keep `???` for sizes known only at run time (model.input_shape): not an error.
     from omegaconf import OmegaConf
 
-    from fwdgrad.compare import flatten_config
+    from fwdgrad.experiments.compare.runs import flatten_config
 
     flat = flatten_config(OmegaConf.create({"model": {"input_shape": "???", "hidden": [4]}, "seed": 1}))
     assert flat == {"model.hidden": [4], "seed": 1}

@@ -13,11 +13,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fwdgrad.config import build_optimizer, build_scheduler
-from fwdgrad.data import DatasetNotFoundError, Splits
+from fwdgrad.app.config import build_optimizer, build_scheduler
+from fwdgrad.experiments.data import DatasetNotFoundError, Splits
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import GradientEstimator
-from fwdgrad.functions import Beale, Rosenbrock
+from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock
 from mnist_helpers import CONFIGS, compose_cfg
 
 GROUPS = ("dataset", "model", "optimization", "optimization/scheduler", "gradient")
@@ -115,7 +115,7 @@ def test_the_two_scripts_differ_only_in_the_estimator():
     assert fwd.pop("gradient")["_target_"] == "fwdgrad.ForwardGradient"
     assert bp.pop("gradient")["_target_"] == "fwdgrad.Backprop"
     assert fwd == bp
-    assert fwd["dataset"]["_target_"] == "fwdgrad.data.mnist"
+    assert fwd["dataset"]["_target_"] == "fwdgrad.experiments.data.mnist"
     assert fwd["model"]["hidden_sizes"] == [1024, 1024]
     assert fwd["optimization"]["optimizer"]["_target_"] == "torch.optim.SGD"
     # the reference's per-step decay exp(-1e-4 t), as a scheduler config
@@ -178,7 +178,7 @@ def test_every_experiment_composes_and_instantiates_with_its_script(name: str, s
         model = instantiate(cfg.model, input_shape=[1, 28, 28], num_classes=10, _convert_="all")
         assert sum(p.numel() for p in model.parameters()) == 784 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
         # orobix/fwdgrad's MNIST command: batch 1024, SGD lr 5e-4 with its exponential decay, 200 epochs
-        assert cfg.dataset._target_ == "fwdgrad.data.mnist" and cfg.dataset.batch_size == 1024
+        assert cfg.dataset._target_ == "fwdgrad.experiments.data.mnist" and cfg.dataset.batch_size == 1024
         assert cfg.dataset.limit_train is None and cfg.dataset.test_set_split is None  # all 60,000 examples
         assert cfg.optimization.optimizer._target_ == "torch.optim.SGD" and opt.param_groups[0]["lr"] == 5e-4
         assert cfg.optimization.epochs == 200 and cfg.optimization.max_steps is None

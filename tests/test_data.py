@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fwdgrad import data
-from fwdgrad.data import CorruptDatasetError, DatasetNotFoundError, iterate_batches, read_idx
+from fwdgrad.experiments import data
+from fwdgrad.experiments.data import CorruptDatasetError, DatasetNotFoundError, iterate_batches, read_idx
 from fwdgrad.errors import ConfigError
 from mnist_helpers import write_idx as _write_idx
 

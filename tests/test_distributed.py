@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from fwdgrad import Backprop, ForwardGradient, ZerothOrder, estimate_module_grads
-from fwdgrad.distributed import DataParallelEstimator, WorkerLostError, launch_workers
+from fwdgrad.parallel import DataParallelEstimator, WorkerLostError, launch_workers
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import backends
-from fwdgrad.functional import cross_entropy
+from fwdgrad.nn.functional import cross_entropy
 from mnist_helpers import read_history
 
 STEPS, BATCH = 5, 24
@@ -151,7 +151,7 @@ def _compose(name: str, *overrides: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,extra,k", [("mnist_fwdgrad", ["gradient.num_tangents=4"], 4), ("mnist_backprop", [], None)])
 def test_training_loop_two_workers_equal_one(name, extra, k, tmp_path):
-    from fwdgrad.training import train
+    from fwdgrad.experiments.training import train
 
     m1 = train(_compose(name, "distributed.world_size=1", *extra), tmp_path / "one")
     m2 = train(_compose(name, "distributed.world_size=2", *extra), tmp_path / "two")

@@ -19,9 +19,9 @@ from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
 from fwdgrad.engine import RankOne
 from fwdgrad.engine.mode import TangentMode
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import dense
+from fwdgrad.engine.tangent_types import dense
 from fwdgrad.estimators import backends
-from fwdgrad.functional import cross_entropy
+from fwdgrad.nn.functional import cross_entropy
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -290,8 +290,8 @@ def test_scaled_dot_product_attention(k, mask, which):
 
 @pytest.mark.parametrize("rank1", [False, True])
 def test_sdpa_in_a_projection_matches_the_written_out_attention(rank1):
-    # the same network with the kernel and with attention written out (fwdgrad.models.layers.SelfAttention)
-    from fwdgrad.models.layers import SelfAttention
+    # the same network with the kernel and with attention written out (fwdgrad.nn.models.layers.SelfAttention)
+    from fwdgrad.nn.models.layers import SelfAttention
 
     torch.manual_seed(0)
     att = SelfAttention(8, 2).to(DT)

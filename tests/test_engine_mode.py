@@ -13,7 +13,7 @@ from torch.func import jvp
 
 from fwdgrad import ForwardGradient
 from fwdgrad.engine import forward_tangents, register, supported_functions
-from fwdgrad.engine import registry
+from fwdgrad.engine import rule_table as registry
 from fwdgrad.errors import ConfigError
 
 DT = torch.float64

@@ -49,7 +49,7 @@ def test_zero_check_never_reads_an_element_off_the_cpu():
     # Reading a device tensor's element would wait for the device (a sync per layer and step); off the CPU the
     # check answers "not known to be zero" from metadata alone, so the pass computes the ordinary sum. A meta
     # tensor stands in for a device one: reading its element raises, so the check must not try.
-    from fwdgrad.engine.perturbation import _is_zero
+    from fwdgrad.engine.injection import _is_zero
 
     z = torch.empty(3, 2, device="meta")
     eps = zero_perturbation(z, (3, 2))

@@ -10,7 +10,7 @@ from torch.func import jvp
 
 from fwdgrad.engine import forward_tangents
 from fwdgrad.estimators import BackendDispatch, TangentMemoryPolicy
-from fwdgrad.functional import per_example_cross_entropy
+from fwdgrad.nn.functional import per_example_cross_entropy
 
 DT = torch.float64
 

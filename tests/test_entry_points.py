@@ -1,4 +1,4 @@
-"""The one error path of every entry point (fwdgrad.cli), the run-directory scheme, and the `threads` key.
+"""The one error path of every entry point (fwdgrad.app.cli), the run-directory scheme, and the `threads` key.
 
 Each script runs as a user runs it (a subprocess): a bad value exits with status 2 and one ``[ERROR]`` paragraph
 naming it, without a traceback; argparse scripts print ``prog: error: ...`` and exit with status 2."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fwdgrad.cli import EntryExit, hydra_task, run_cli
+from fwdgrad.app.cli import EntryExit, hydra_task, run_cli
 from fwdgrad.errors import ConfigError, DatasetError, RunError
-from fwdgrad.training import train
+from fwdgrad.experiments.training import train
 from mnist_helpers import ROOT, TINY, compose_cfg, read_metrics
 
 #: script -> (a bad value, text its message must contain)

@@ -19,7 +19,7 @@ from estimator_problems import model_problem as _model_problem
 
 from fwdgrad import ForwardGradient
 from fwdgrad.engine import Unsupported, forward_tangents
-from fwdgrad.functions import Beale, Rosenbrock, StyblinskiTang
+from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock, StyblinskiTang
 
 DT = torch.float64
 DISTS = ["normal", "rademacher", "rank1"]

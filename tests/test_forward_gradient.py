@@ -20,12 +20,12 @@ from estimator_problems import DT, PROBLEMS, Z, as_dict, flat, model_problem, tr
 from torch import nn
 
 from fwdgrad import Backprop, ForwardGradient, cosine_similarity, estimate_module_grads
-from fwdgrad.distributed import DataParallelEstimator
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.engine import RankOne
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import DirectionalEstimator, TangentDraw
-from fwdgrad.functional import cross_entropy
-from fwdgrad.functions import Beale, Rosenbrock
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock
 
 
 @pytest.mark.parametrize("name", list(PROBLEMS))

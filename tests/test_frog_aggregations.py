@@ -15,7 +15,7 @@ import torch
 from estimator_problems import DT, Z, flat
 
 from fwdgrad import ForwardGradient
-from fwdgrad.config import threads
+from fwdgrad.app.config import threads
 from fwdgrad.estimators import AGGREGATIONS, AggregationInput, aggregate
 from fwdgrad.estimators.aggregation import PROJECTION_WARN_RATIO, advice_for
 from fwdgrad.estimators.selection import TOP_K_MARGIN

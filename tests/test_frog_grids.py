@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from fwdgrad.compare import compare_runs
+from fwdgrad.experiments.compare.runs import compare_runs
 from fwdgrad.estimators import Backprop, ForwardGradient
-from fwdgrad.functions import Rosenbrock, Sphere, StyblinskiTang
-from fwdgrad.optimize import optimise, run_global_optim
+from fwdgrad.experiments.global_optim.functions import Rosenbrock, Sphere, StyblinskiTang
+from fwdgrad.experiments.global_optim.optimize import optimise, run_global_optim
 from mnist_helpers import CONFIGS, ROOT, compose_cfg
 
 METHODS = {"bp": (None, None), "fg_k1": (1, "mean"), "fg_k2": (2, "mean"), "fg_k4": (4, "mean"),
@@ -60,7 +60,7 @@ def test_fc_cells_compose_with_frogs_setup_and_learning_rate(method, width):
     assert cfg.optimization.learning_rate == cfg.frog_fc.lr[method][width]
     assert cfg.optimization.optimizer._target_ == "torch.optim.SGD" and cfg.optimization.optimizer.momentum == 0
     assert cfg.optimization.scheduler._target_ == "torch.optim.lr_scheduler.ConstantLR"
-    assert cfg.dataset._target_ == "fwdgrad.data.mnist" and cfg.dataset.batch_size == 64
+    assert cfg.dataset._target_ == "fwdgrad.experiments.data.mnist" and cfg.dataset.batch_size == 64
     model = instantiate(cfg.model, input_shape=[1, 28, 28], num_classes=10, _convert_="all")
     w = width
     assert sum(p.numel() for p in model.parameters()) == 784 * w + w + w * w + w + w * 10 + 10

@@ -32,9 +32,9 @@ from conftest import SHARED_MNIST
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
 from fwdgrad.engine import forward_tangents
 from fwdgrad.errors import ConfigError
-from fwdgrad.functional import cross_entropy
-from fwdgrad.models import LeNet5, MLPMixer, ResNet, VisionTransformer
-from fwdgrad.training import train
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.nn.models import LeNet5, MLPMixer, ResNet, VisionTransformer
+from fwdgrad.experiments.training import train
 from mnist_helpers import CONFIGS, compose_cfg, write_idx
 
 DT = torch.float64
@@ -193,7 +193,7 @@ def _run(script: str, dataset: str, root: Path, model: str, extra: List[str], ou
          monkeypatch: pytest.MonkeyPatch) -> dict:
     """Train ``model`` for two steps through ``train`` with ``script``'s composed config (what the script runs)."""
     # the run's figure is the plotting tests' business, and drawing it would cost more than the two steps
-    monkeypatch.setattr(importlib.import_module("fwdgrad.training.run"), "_plot", lambda *args, **kwargs: None)
+    monkeypatch.setattr(importlib.import_module("fwdgrad.experiments.training.run"), "_plot", lambda *args, **kwargs: None)
     cfg = compose_cfg(script, [f"dataset={dataset}", f"dataset.root={root}", "dataset.test_set_split=100",
                                "dataset.limit_train=64", "dataset.limit_test=32", "dataset.batch_size=32",
                                "optimization.epochs=1", "optimization.learning_rate=1e-3", "log_every=2",

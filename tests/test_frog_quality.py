@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from omegaconf import open_dict
 
-from fwdgrad.analysis import distribution_options, run_approx_quality
+from fwdgrad.experiments.quality.analysis import distribution_options, run_approx_quality
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import FixedAngle
 from mnist_helpers import compose_cfg

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
-from fwdgrad import functional as FG
+from fwdgrad.nn import functional as FG
 
 # float64 inputs: the ops are mathematically identical, so only rounding separates them.
 ATOL, RTOL = 1e-10, 1e-9

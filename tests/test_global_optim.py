@@ -19,8 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.func import jvp
 
 from fwdgrad import Backprop, ForwardGradient
-from fwdgrad.functions import Beale, Rosenbrock, Sphere, StyblinskiTang, TestFunction
-from fwdgrad.optimize import ConfigError, estimator_label, optimise, run_global_optim
+from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock, Sphere, StyblinskiTang, TestFunction
+from fwdgrad.experiments.global_optim.optimize import ConfigError, estimator_label, optimise, run_global_optim
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

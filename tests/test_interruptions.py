@@ -22,11 +22,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fwdgrad.compare import find_run_dirs, load_run, main as compare_main
+from fwdgrad.experiments.compare.runs import find_run_dirs, load_run, main as compare_main
 from fwdgrad.errors import ConfigError
-from fwdgrad.training import loop, train
-from fwdgrad.training.resume import load_resume
-from fwdgrad.training.signals import StopSignals
+from fwdgrad.experiments.training import loop, train
+from fwdgrad.experiments.training.resume import load_resume
+from fwdgrad.experiments.training.signals import StopSignals
 from mnist_helpers import ROOT, TINY, compose_cfg, read_metrics
 
 #: A run long enough to be interrupted (digits, 23 steps per epoch, a small MLP: a fraction of a second per epoch).

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from fwdgrad import Backprop, LocalGuess, estimate_module_grads
 from fwdgrad.errors import ConfigError
-from fwdgrad.functional import cross_entropy, per_example_cross_entropy
-from fwdgrad.local_losses import group_logits, head_linear, local_blocks
-from fwdgrad.models import MLP, ConvNet
+from fwdgrad.nn.functional import cross_entropy, per_example_cross_entropy
+from fwdgrad.nn.local_losses import group_logits, head_linear, local_blocks
+from fwdgrad.nn.models import MLP, ConvNet
 
 DT = torch.float64
 

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from fwdgrad.cli import hydra_task, objective_value
+from fwdgrad.app.cli import hydra_task, objective_value
 from fwdgrad.errors import ConfigError, RunError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_objective_value_picks_the_metric_and_reports_failures_as_inf():
 
 
 def test_a_failed_trial_in_a_sweep_counts_as_inf(monkeypatch):
-    import fwdgrad.cli as cli
+    import fwdgrad.app.cli as cli
 
     monkeypatch.setattr(cli, "_in_multirun", lambda: True)
 

@@ -1,4 +1,4 @@
-"""Peak-memory measurement (:mod:`fwdgrad.memory`), and the measured peaks of ``regenerate_tangents`` against the
+"""Peak-memory measurement (:mod:`fwdgrad.perf.memory`), and the measured peaks of ``regenerate_tangents`` against the
 memory model (whose unit tests, with :func:`~fwdgrad.estimators.kept_prefix`, are in ``test_regeneration.py``)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import torch
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
 from fwdgrad.estimators import PASS_TENSORS
-from fwdgrad.functional import cross_entropy
-from fwdgrad.memory import MIB, RssPeak, tensor_peak_mib
-from fwdgrad.models import MLP
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.perf.memory import MIB, RssPeak, tensor_peak_mib
+from fwdgrad.nn.models import MLP
 
 
 def test_tensor_peak_counts_live_tensors_exactly():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fwdgrad.training import train
+from fwdgrad.experiments.training import train
 from mnist_helpers import compose_cfg
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""The one training loop (fwdgrad.training.train) on offline data: every model with every estimator, the files a
+"""The one training loop (fwdgrad.experiments.training.train) on offline data: every model with every estimator, the files a
 run leaves behind, stopping rules, seeding, clipping and start-up errors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from fwdgrad.errors import ConfigError
-from fwdgrad.training import HISTORY_COLUMNS, METRIC_KEYS, STOP_REASONS, TB_TAGS, train
+from fwdgrad.experiments.training import HISTORY_COLUMNS, METRIC_KEYS, STOP_REASONS, TB_TAGS, train
 from mnist_helpers import TINY, compose_cfg, read_history, read_metrics
 
 

@@ -1,4 +1,4 @@
-"""fwdgrad shortens libgomp's spin-wait before torch loads, unless the user chose a wait setting (fwdgrad.openmp)."""
+"""fwdgrad shortens libgomp's spin-wait before torch loads, unless the user chose a wait setting (fwdgrad.perf.openmp)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fwdgrad.openmp import SPIN_COUNT, openmp_spin_setting, shorten_openmp_spin
+from fwdgrad.perf.openmp import SPIN_COUNT, openmp_spin_setting, shorten_openmp_spin
 
 
 def test_sets_the_spin_count_when_nothing_is_chosen():

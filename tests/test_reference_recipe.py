@@ -16,8 +16,8 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from fwdgrad.data import iterate_batches
-from fwdgrad.training import train
+from fwdgrad.experiments.data import iterate_batches
+from fwdgrad.experiments.training import train
 from mnist_helpers import compose_cfg
 
 WIDTH = 32  #: hidden width of the shrunk model (the recipe's 1024 would only cost time)

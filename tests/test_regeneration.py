@@ -20,8 +20,8 @@ from fwdgrad.estimators import (
     predicted_peak,
     regeneration_pays,
 )
-from fwdgrad.functional import cross_entropy
-from fwdgrad.models import MLP
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.nn.models import MLP
 
 
 # -- the policy on its own ------------------------------------------------------------------------------------------

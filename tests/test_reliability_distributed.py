@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
-from fwdgrad import distributed
-from fwdgrad.distributed import DataParallelEstimator, configure_logging, launch_workers, logging_spec
+from fwdgrad import parallel as distributed
+from fwdgrad.parallel import DataParallelEstimator, configure_logging, launch_workers, logging_spec
 from fwdgrad.errors import WorkerLostError
-from fwdgrad.functional import cross_entropy
+from fwdgrad.nn.functional import cross_entropy
 
 #: Batch sizes with one-row batches: with 2 workers, rank 1's shard of those is empty.
 BATCHES = (5, 1, 4, 1)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fwdgrad import ForwardGradient
-from fwdgrad.estimators import rng
-from fwdgrad.estimators.rng import ChunkedRNG
+from fwdgrad.estimators.tangents import rng
+from fwdgrad.estimators.tangents.rng import ChunkedRNG
 
 
 def _normal(b, g):

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fwdgrad.cli import RunDirGuard
-from fwdgrad.compare import load_run
+from fwdgrad.app.cli import RunDirGuard
+from fwdgrad.experiments.compare.runs import load_run
 from fwdgrad.errors import RunDirError
-from fwdgrad.optimize import run_global_optim
-from fwdgrad.rundir import RUN_ENTRIES, claim_run_dir
-from fwdgrad.training import train
+from fwdgrad.experiments.global_optim.optimize import run_global_optim
+from fwdgrad.app.rundir import RUN_ENTRIES, claim_run_dir
+from fwdgrad.experiments.training import train
 from mnist_helpers import ROOT, TINY, compose_cfg, read_metrics
 
 QUICK = (*TINY, "model=logreg", "optimization.max_steps=2")
@@ -105,7 +105,7 @@ def test_a_script_refuses_an_earlier_run_directory_before_hydra_writes_into_it(t
 
 
 def test_every_known_run_entry_is_a_file_some_script_writes():
-    from fwdgrad.training import run_files
+    from fwdgrad.experiments.training import run_files
 
     training = {run_files.METRICS_FILE, run_files.HISTORY_FILE, run_files.CHECKPOINT_FILE, run_files.PLOTS_FILE,
                 run_files.TB_DIR, run_files.RUN_STATUS_FILE}

@@ -54,7 +54,7 @@ def test_simulated_is_reported_and_keeps_the_tangents():
 
 
 def test_forward_simulated_config_trains_like_forward(tmp_path):
-    from fwdgrad.training import train
+    from fwdgrad.experiments.training import train
 
     metrics = {}
     for name in ("forward", "forward_simulated"):

@@ -2,7 +2,7 @@
 statistics, and new distributions used by ForwardGradient without editing it.
 
 Statistics: for rank-one tangents the per-component variance of g = d u v^T is derived in
-:mod:`fwdgrad.structured` (Var g_ij = |a|^2 + 2|A_i,:|^2 + 2|A_:,j|^2 + 3 A_ij^2); the unbiasedness test allows
+:mod:`fwdgrad.experiments.quality.structured` (Var g_ij = |a|^2 + 2|A_i,:|^2 + 2|A_:,j|^2 + 3 A_ij^2); the unbiasedness test allows
 Z = 4.5 standard errors per component.
 """
 
@@ -17,10 +17,10 @@ from estimator_problems import DT, Z, flat, mlp_problem, true_grad
 from fwdgrad import Backprop, ForwardGradient
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, ChunkedDistribution, register_distribution
-from fwdgrad.estimators.rng import ChunkedRNG
-from fwdgrad.estimators.tangents import DrawContext, SamplerDistribution, plan_blocks
+from fwdgrad.estimators.tangents.rng import ChunkedRNG
+from fwdgrad.estimators.tangents.distributions import DrawContext, SamplerDistribution, plan_blocks
 from fwdgrad.errors import ConfigError
-from fwdgrad.structured import component_variance, total_variance
+from fwdgrad.experiments.quality.structured import component_variance, total_variance
 
 
 def _ctx(seed: int = 0, **kw) -> DrawContext:

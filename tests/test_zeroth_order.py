@@ -35,11 +35,11 @@ from torch.func import functional_call, jvp
 from fwdgrad import Backprop, ForwardGradient, ZerothOrder, aggregate, cosine_similarity, estimate_module_grads
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, ChunkedDistribution, ChunkedTangent, DirectionalEstimator
-from fwdgrad.estimators.perturbation import Perturbation, PerturbedPass
-from fwdgrad.estimators.rng import CHUNK, ChunkedRNG
-from fwdgrad.estimators.seeded_tangents import chunk_reads_exact, entries_per_random
-from fwdgrad.functional import cross_entropy
-from fwdgrad.training import train
+from fwdgrad.estimators.zeroth_order.perturbed_loss import Perturbation, PerturbedPass
+from fwdgrad.estimators.tangents.rng import CHUNK, ChunkedRNG
+from fwdgrad.estimators.tangents.seeded import chunk_reads_exact, entries_per_random
+from fwdgrad.nn.functional import cross_entropy
+from fwdgrad.experiments.training import train
 
 ROWS, COLS, BATCH = 29, 37, 5
 SMALL_CHUNK = 100  # entries: rows of 37 straddle chunk boundaries
@@ -551,7 +551,7 @@ def test_mnist_loop_trains_like_the_forward_gradient_with_the_same_seed(tmp_path
 
 
 def test_global_optim_runs_zeroth_order_beside_the_forward_gradient(tmp_path):
-    from fwdgrad.optimize import run_global_optim
+    from fwdgrad.experiments.global_optim.optimize import run_global_optim
 
     cfg = compose_cfg("global_optim", ["function=rosenbrock", "iterations=300", "gradient=zeroth_order",
                                        "gradient@baseline=forward"])
@@ -563,7 +563,7 @@ def test_global_optim_runs_zeroth_order_beside_the_forward_gradient(tmp_path):
 
 
 def test_approx_quality_puts_zeroth_order_beside_the_forward_gradient(tmp_path):
-    from fwdgrad.analysis import run_approx_quality
+    from fwdgrad.experiments.quality.analysis import run_approx_quality
 
     cfg = compose_cfg("approx_quality", ["num_samples=5", "source.dims=[40]", "num_tangents=[1,8]"])
     run_approx_quality(cfg, output_dir=tmp_path)
@@ -584,8 +584,8 @@ def test_approx_quality_puts_zeroth_order_beside_the_forward_gradient(tmp_path):
 def test_passes_peak_within_ten_percent_of_a_no_grad_forward_pass():
     # A scaled-down deep MLP (make bench checks 32 x 1024 at batch 2048): activations of 1 MiB, so the no-grad
     # pass holds 2 MiB (a layer's input and output); the perturbation adds one row block of about chunk_entries.
-    from fwdgrad.memory import tensor_peak_mib
-    from fwdgrad.models import MLP
+    from fwdgrad.perf.memory import tensor_peak_mib
+    from fwdgrad.nn.models import MLP
 
     torch.manual_seed(0)
     model = MLP((256,), 10, [256] * 4)
@@ -618,7 +618,7 @@ def test_running_statistics_from_a_perturbed_pass_are_announced(caplog):
     from torch import nn
 
     from fwdgrad import Backprop, estimate_module_grads
-    from fwdgrad.functional import cross_entropy
+    from fwdgrad.nn.functional import cross_entropy
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))

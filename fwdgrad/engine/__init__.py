@@ -11,7 +11,7 @@ for the layers that dominate the cost.
 
 Layout: :mod:`~fwdgrad.engine.mode` (the TorchFunctionMode and :func:`forward_tangents`, how custom
 ``autograd.Function``s reach it), :mod:`~fwdgrad.engine.state` (per-pass state),
-:mod:`~fwdgrad.engine.tangents` (tangent types and layout), :mod:`~fwdgrad.engine.registry` (the rule
+:mod:`~fwdgrad.engine.tangent_types` (tangent types and layout), :mod:`~fwdgrad.engine.rule_table` (the rule
 table) and :mod:`~fwdgrad.engine.rules` (the rules, by op family).
 
 Public interface, stable for the estimators: :func:`forward_tangents`, the tangent types :class:`RankOne`,
@@ -24,9 +24,9 @@ outside a pass (see :mod:`fwdgrad.engine.mode`).
 
 from fwdgrad.engine import rules  # noqa: F401  (registers every rule)
 from fwdgrad.engine.mode import forward_tangents
-from fwdgrad.engine.perturbation import add_perturbation, zero_perturbation
-from fwdgrad.engine.registry import register, register_each, supported_functions
-from fwdgrad.engine.tangents import RankOne, Regenerated, Tangent, tangent_slice
+from fwdgrad.engine.injection import add_perturbation, zero_perturbation
+from fwdgrad.engine.rule_table import register, register_each, supported_functions
+from fwdgrad.engine.tangent_types import RankOne, Regenerated, Tangent, tangent_slice
 from fwdgrad.errors import Unsupported
 
 __all__ = ["RankOne", "Regenerated", "Tangent", "Unsupported", "add_perturbation", "forward_tangents", "register",

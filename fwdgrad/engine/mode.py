@@ -4,7 +4,7 @@ How it works
 ------------
 ``forward_tangents(fn, params, tangents, k)`` gives each parameter a fresh alias carrying its tangents as an
 attribute and runs ``fn`` under a :class:`TangentMode`. Every torch call that touches a tensor with
-tangents is routed to its rule (:mod:`fwdgrad.engine.registry`), which computes the primal output and its
+tangents is routed to its rule (:mod:`fwdgrad.engine.rule_table`), which computes the primal output and its
 tangents; calls that touch no tangent run untouched. An op without a rule whose result is floating point
 raises :class:`~fwdgrad.errors.Unsupported`, and the estimator then falls back to ``torch.func`` (correct,
 just slower). Because tangents hang off the primal tensors themselves, they die with them: like every
@@ -43,9 +43,9 @@ from torch import Tensor
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 from torch.overrides import TorchFunctionMode, handle_torch_function
 
-from fwdgrad.engine.registry import lookup
+from fwdgrad.engine.rule_table import lookup
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import Tangent, dense, full
+from fwdgrad.engine.tangent_types import Tangent, dense, full
 from fwdgrad.errors import Unsupported
 
 __all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "is_in_place"]

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
 
-from fwdgrad.engine.tangents import Tangent
+from fwdgrad.engine.tangent_types import Tangent
 
 __all__ = ["PassState"]
 

@@ -36,7 +36,7 @@ from fwdgrad.estimators.aggregation import (
     register_aggregation,
     solve_gram,
 )
-from fwdgrad.estimators.activity import ForwardActivity
+from fwdgrad.estimators.activity.forward_activity import ForwardActivity
 from fwdgrad.estimators.backends import BACKENDS, BackendDispatch
 from fwdgrad.estimators.base import (
     Backprop,
@@ -56,21 +56,21 @@ from fwdgrad.estimators.base import (
     from_param_dict,
     total_numel,
 )
-from fwdgrad.estimators.custom_tangents import FixedAngle, JointDistribution, StandardBasis, VaryingLength
+from fwdgrad.estimators.tangents.custom import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.guess import LocalGuess
 from fwdgrad.estimators.local import estimate_local_grads
 from fwdgrad.estimators.registry import Registry
-from fwdgrad.estimators.regeneration import (
+from fwdgrad.estimators.memory_policy import (
     PASS_TENSORS,
     TangentMemoryPolicy,
     kept_prefix,
     predicted_peak,
     regeneration_pays,
 )
-from fwdgrad.estimators.rng import ChunkedRNG
-from fwdgrad.estimators.seeded_tangents import ChunkedTangent
-from fwdgrad.estimators.tangents import (
+from fwdgrad.estimators.tangents.rng import ChunkedRNG
+from fwdgrad.estimators.tangents.seeded import ChunkedTangent
+from fwdgrad.estimators.tangents.distributions import (
     TANGENT_DISTRIBUTIONS,
     ChunkedDistribution,
     DrawContext,
@@ -80,7 +80,7 @@ from fwdgrad.estimators.tangents import (
     TangentSampler,
     register_distribution,
 )
-from fwdgrad.estimators.zeroth_order import ZerothOrder
+from fwdgrad.estimators.zeroth_order.finite_differences import ZerothOrder
 
 __all__ = [
     "AGGREGATIONS",

@@ -46,7 +46,7 @@ from torch import Tensor
 from fwdgrad.engine import RankOne, Regenerated, Tangent
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.registry import Registry
-from fwdgrad.estimators.tangents import dense_tangent
+from fwdgrad.estimators.tangents.distributions import dense_tangent
 
 __all__ = [
     "AggregationInput",

@@ -28,8 +28,8 @@ from torch.func import jvp, vmap
 from fwdgrad.engine import RankOne, Tangent, Unsupported, forward_tangents, tangent_slice
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.base import Backprop, check_scalar_loss
-from fwdgrad.estimators.regeneration import TangentMemoryPolicy
-from fwdgrad.estimators.tangents import dense_tangent
+from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
+from fwdgrad.estimators.tangents.distributions import dense_tangent
 
 __all__ = ["BACKENDS", "BackendDispatch", "PassStateDict", "fast_derivatives", "func_derivatives",
            "simulated_derivatives"]
@@ -139,7 +139,7 @@ def simulated_derivatives(
 
 class PassStateDict:
     """Mixin: ``state_dict()`` / ``load_state_dict()`` for an estimator with its own generators
-    (:class:`~fwdgrad.estimators.rng.SeededGenerators`), a memory policy ``self.memory`` and a ``self.dispatch``:
+    (:class:`~fwdgrad.estimators.tangents.rng.SeededGenerators`), a memory policy ``self.memory`` and a ``self.dispatch``:
     what its next estimates depend on: the generators' states (the next tangents), the policy's measurement (how
     the next pass is grouped, which changes the rounding) and a fallback to torch.func."""
 

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.buffers import StepBuffers
-from fwdgrad.local_losses import local_blocks
+from fwdgrad.estimators.step_buffers import StepBuffers
+from fwdgrad.nn.local_losses import local_blocks
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +176,14 @@ class GradientEstimator(ABC):
         if call is not None and not getattr(call, "_checks_params", False):
             cls.__call__ = _with_param_checks(call)  # type: ignore[method-assign]
 
-    #: With a model trained by local losses (:mod:`fwdgrad.local_losses`): True (default) estimates each block's
+    #: With a model trained by local losses (:mod:`fwdgrad.nn.local_losses`): True (default) estimates each block's
     #: loss by its own call, so a random estimate's noise never mixes blocks (each block's forward gradient has
     #: its own directional derivatives); False makes one call on the sum of the local losses, which gives each
     #: block its own loss's gradient exactly for an exact estimator (the blocks are detached), in one pass.
     separate_local_losses: bool = True
 
     #: Whether a step's first evaluation of the loss is at the given parameters: batch norm's running statistics
-    #: are taken from it (:class:`~fwdgrad.estimators.buffers.StepBuffers`). An estimator whose first evaluation is
+    #: are taken from it (:class:`~fwdgrad.estimators.step_buffers.StepBuffers`). An estimator whose first evaluation is
     #: perturbed says False, and :func:`estimate_module_grads` warns that the statistics come from a perturbed pass.
     first_evaluation_at_params: bool = True
 
@@ -318,7 +318,7 @@ def estimate_module_grads(
     This is the bridge to the ``torch.optim`` world: after it, any optimizer, scheduler or
     ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed. Buffers (e.g.
     batch norm's running statistics) move once per call, as in a backprop step, however often the estimator
-    evaluates the loss (:class:`~fwdgrad.estimators.buffers.StepBuffers`). Returns the (detached) loss.
+    evaluates the loss (:class:`~fwdgrad.estimators.step_buffers.StepBuffers`). Returns the (detached) loss.
 
     ``loss_of_output`` returns the loss, or one loss per example whose mean is the loss (estimators that work
     per example need that: :class:`ModuleEstimator`, whose hook is used when the estimator has one). With a model

@@ -1,7 +1,7 @@
 """Local-gradient guesses (Fournier et al. 2023, "Can Forward Gradient Match Backpropagation?", ICML).
 
 A forward gradient needs a *guess* of the step direction; instead of a random tangent, take the gradient of a
-local loss: block j's auxiliary loss ``L_j`` (:mod:`fwdgrad.local_losses`), by a cheap backward pass inside the
+local loss: block j's auxiliary loss ``L_j`` (:mod:`fwdgrad.nn.local_losses`), by a cheap backward pass inside the
 block (its input detached), ``G_j = grad_{theta_j} L_j``. One forward-mode pass of the **global** loss ``L``
 (the output layer's loss through the whole network, nothing detached) along the guesses then projects the
 true gradient onto them:
@@ -31,8 +31,8 @@ from fwdgrad.estimators.aggregation import aggregate
 from fwdgrad.estimators.backends import BackendDispatch
 from fwdgrad.estimators.base import Backprop, GradientEstimator, LossFn, OutputLoss, Params, mean_loss, write_grads
 from fwdgrad.estimators.local import LocalObjective
-from fwdgrad.estimators.regeneration import TangentMemoryPolicy
-from fwdgrad.local_losses import LocalBlock, local_blocks
+from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
+from fwdgrad.nn.local_losses import LocalBlock, local_blocks
 
 __all__ = ["LocalGuess", "GUESS_SCOPES"]
 

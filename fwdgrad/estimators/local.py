@@ -1,4 +1,4 @@
-"""Every estimator follows a model's local losses (:mod:`fwdgrad.local_losses`).
+"""Every estimator follows a model's local losses (:mod:`fwdgrad.nn.local_losses`).
 
 For a model with ``local_losses`` the quantity to estimate is, for every block j, the gradient of its own loss
 ``L_j`` with respect to its own parameters (body and head). Two ways, chosen by the estimator's
@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.base import GradientEstimator, OutputLoss, mean_loss, write_grads
-from fwdgrad.local_losses import LocalBlock, chain_inputs
+from fwdgrad.nn.local_losses import LocalBlock, chain_inputs
 
 __all__ = ["estimate_local_grads", "local_objective", "LocalObjective"]
 

@@ -1,6 +1,6 @@
 """A name -> object registry that new entries join by a decorator and that refuses duplicate names.
 
-The tangent distributions (:data:`fwdgrad.estimators.tangents.TANGENT_DISTRIBUTIONS`) and the aggregations
+The tangent distributions (:data:`fwdgrad.estimators.tangents.distributions.TANGENT_DISTRIBUTIONS`) and the aggregations
 (:data:`fwdgrad.estimators.aggregation.AGGREGATIONS`) are registries: a new one is registered where it is
 defined, and every estimator that takes a name finds it, with no edit anywhere else (as nevergrad's optimizer
 registry). A registry is filled at import time; it is a mapping, so ``name in REGISTRY``, ``list(REGISTRY)``

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import dense, insert_after_k
+from fwdgrad.engine.tangent_types import dense, insert_after_k
 from fwdgrad.errors import Unsupported
 
 

@@ -37,9 +37,9 @@ from torch.autograd.function import FunctionCtx
 from torch.overrides import TorchFunctionMode
 
 from fwdgrad.engine.mode import autograd_function_apply, func_name, is_in_place
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import dense, k_of
+from fwdgrad.engine.tangent_types import dense, k_of
 from fwdgrad.errors import ConfigError, Unsupported
 
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import RankOne, dense, k_of
+from fwdgrad.engine.tangent_types import RankOne, dense, k_of
 from fwdgrad.errors import Unsupported
 
 

@@ -14,7 +14,7 @@ With k > 1 dense weight tangents the second product is one *batched* GEMM instea
 
 Rank-one weight tangents
 ------------------------
-A weight tangent may be a :class:`~fwdgrad.engine.tangents.RankOne` ``W_dot_i = u_i v_i^T`` (u_i in R^m,
+A weight tangent may be a :class:`~fwdgrad.engine.tangent_types.RankOne` ``W_dot_i = u_i v_i^T`` (u_i in R^m,
 v_i in R^n). Its linear tangent never forms the m x n matrix:
 
     x W_dot_i^T = x v_i u_i^T = (x v_i) u_i^T        O(B (m + n)) instead of O(B m n).
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import RankOne, batch_major_rows, dense, insert_after_k, k_of
+from fwdgrad.engine.tangent_types import RankOne, batch_major_rows, dense, insert_after_k, k_of
 
 T = torch.Tensor
 

@@ -14,7 +14,7 @@ When they are fixed running statistics (batch norm in eval mode), ``d x_hat = x_
     y_dot = w * d x_hat  +  w_dot * x_hat  +  b_dot.
 
 Batch norm's running statistics are updated by the primal call, which runs once per pass: the k tangents
-never touch them (and :class:`~fwdgrad.estimators.buffers.StepBuffers` keeps passes repeated within a step,
+never touch them (and :class:`~fwdgrad.estimators.step_buffers.StepBuffers` keeps passes repeated within a step,
 e.g. tangent groups, from moving them more than once).
 """
 
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.rules.pointwise import nested
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import Tangent, dense, k_of, tdims
+from fwdgrad.engine.tangent_types import Tangent, dense, k_of, tdims
 
 __all__ = ["normalized_tangent"]
 

@@ -2,8 +2,8 @@
 with broadcasting.
 
 Broadcasting: a tangent ``(k, *s)`` meets primal operands of other shapes. Rules give it singleton dims
-after k (:func:`~fwdgrad.engine.tangents.aligned`) so k never lines up with a primal dim, and expand a
-result to the output's tangent shape (:func:`~fwdgrad.engine.tangents.full`) where broadcasting left it
+after k (:func:`~fwdgrad.engine.tangent_types.aligned`) so k never lines up with a primal dim, and expand a
+result to the output's tangent shape (:func:`~fwdgrad.engine.tangent_types.full`) where broadcasting left it
 smaller. Tangents are never modified in place, so a rule may hand its input tangent on unchanged.
 """
 
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import aligned, dense, full
+from fwdgrad.engine.tangent_types import aligned, dense, full
 from fwdgrad.errors import Unsupported
 
 T = torch.Tensor

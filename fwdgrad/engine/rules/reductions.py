@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register
+from fwdgrad.engine.rule_table import register
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import dense, tdim, tdims
+from fwdgrad.engine.tangent_types import dense, tdim, tdims
 from fwdgrad.errors import Unsupported
 
 T = torch.Tensor

@@ -2,7 +2,7 @@
 
 Shape and indexing ops are linear and act on each tangent alone: the tangent of the result is the same op
 applied to the ``(k, *shape)`` tangent, with primal dims shifted by one
-(:func:`~fwdgrad.engine.tangents.tdim`) so k stays in front.
+(:func:`~fwdgrad.engine.tangent_types.tdim`) so k stays in front.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fwdgrad.engine.registry import register, register_each
+from fwdgrad.engine.rule_table import register, register_each
 from fwdgrad.engine.state import PassState
-from fwdgrad.engine.tangents import dense, full, k_of, tdim, zero_like_tangent
+from fwdgrad.engine.tangent_types import dense, full, k_of, tdim, zero_like_tangent
 from fwdgrad.errors import Unsupported
 
 T = torch.Tensor

@@ -1,0 +1,1 @@
+"""App plumbing shared by the entry points: the CLI wrapper, config building and schemas, run directories."""

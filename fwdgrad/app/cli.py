@@ -1,0 +1,227 @@
+"""The one error path of every entry point (``mnist_*.py``, ``global_optim.py``, ``approx_quality.py``,
+``compare.py``, ``scripts/bench.py``).
+
+Hydra scripts are thin::
+
+    @hydra.main(version_base="1.3", config_path="configs", config_name="mnist_fwdgrad")
+    @hydra_task
+    def main(cfg): return run(cfg)
+
+    if __name__ == "__main__":
+        run_hydra(main)
+
+and behave alike:
+
+* a :class:`~fwdgrad.errors.UserError` (a bad config value, missing data, no run to compare) is logged as one
+  ``[ERROR]`` paragraph (console and ``<job>.log``), without a traceback, and the process exits with status 2;
+  so does a config Hydra itself cannot compose (an unknown key, a missing group option);
+* a :class:`~fwdgrad.errors.RunError` (the run started and failed; its files are kept), including a training
+  run stopped by a non-finite loss, is logged the same way and exits with status 1; inside a ``-m`` multirun
+  the sweep goes on to its next job instead;
+* :class:`~fwdgrad.errors.Interrupted` (SIGINT/SIGTERM stopped the run after writing its files) is logged as a
+  warning and exits with status 128 + the signal's number, also ending a multirun; a second Ctrl-C, which
+  stops at once (``KeyboardInterrupt``), exits with status 130;
+* anything else is a bug: its traceback is logged and the process exits with status 1.
+
+A sweeper that optimises (``hydra/sweeper=lr_search``, Hydra's Optuna plugin) needs one number per job: when the
+config has a top-level ``objective`` (the lr_search config sets ``objective: final_test_loss``), the task returns
+that entry of the task's result instead of the whole dict, and ``+inf`` for a run that failed or whose value is
+not finite (frog's convention: a diverged learning rate is the worst, not an error that stops the study).
+
+Argparse scripts use :func:`run_cli`: ``prog: error: message`` on stderr and status 2 (as argparse does for a
+bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
+
+Run directories: every Hydra script includes ``configs/hydra/default.yaml``, which names them
+``outputs/<config name>/<date>_<time with microseconds>-<pid>`` (multirun: ``..._multirun/<job>_<overrides>``),
+so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here, and
+so is the callback that file installs, :class:`RunDirGuard`: a run directory given by hand
+(``hydra.run.dir=...``) that already holds files is refused before Hydra writes into it, unless the config says
+``overwrite=true`` (:mod:`fwdgrad.app.rundir`). So is ``${lookup:table,key}``, which the experiment grids use to pick
+a cell's learning rate from a published table.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, TypeVar, Union
+
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
+from fwdgrad.app.rundir import claim_run_dir
+
+__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "lookup", "objective_value", "one_paragraph", "run_cli",
+           "run_hydra"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+if not OmegaConf.has_resolver("pid"):
+    # The process id, for unique run directories; cached, so a sweep's jobs (joblib workers included, which
+    # receive the parent's resolver cache) share the sweep directory of the process that launched them.
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
+
+
+def lookup(table: Any, key: Any) -> Any:
+    """``${lookup:${some.table},${some.key}}``: ``table[key]``, for the per-cell values of an experiment grid
+    (e.g. a published learning rate per network width). Integer keys match their text and vice versa."""
+    for candidate in (key, str(key), int(key) if str(key).lstrip("-").isdigit() else None):
+        if candidate is not None and candidate in table:
+            return table[candidate]
+    raise ConfigError(f"${{lookup:...}}: the table has no entry {key!r}; its keys are {', '.join(map(str, table))}. "
+                      "Choose one of them, or set the looked-up value directly on the command line.")
+
+
+if not OmegaConf.has_resolver("lookup"):
+    OmegaConf.register_new_resolver("lookup", lookup)
+
+
+class EntryExit(SystemExit):
+    """The process exit an entry point decided on, after reporting why (its status is final)."""
+
+
+def one_paragraph(err: BaseException) -> str:
+    """The error's message on one line (messages are one paragraph; a stray newline must not split a log)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _job_name(default: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.name if HydraConfig.initialized() else default
+
+
+def _objective_key(cfg: Any) -> Optional[str]:
+    """The config's ``objective`` (what to return to an optimising sweeper), or None."""
+    return cfg.get("objective") if isinstance(cfg, (DictConfig, Mapping)) else None
+
+
+def objective_value(cfg: DictConfig, result: Any) -> float:
+    """``result[cfg.objective]`` as a float for an optimising sweeper; ``+inf`` when it is missing or not finite.
+
+    Raises :class:`ConfigError` when ``objective`` names no entry of the result.
+    """
+    key = _objective_key(cfg)
+    if not isinstance(result, Mapping) or key not in result:
+        numbers = result.items() if isinstance(result, Mapping) else ()
+        keys = ", ".join(str(k) for k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ConfigError(f"objective={key!r} is not a result of this script; it returns: {keys or 'no numbers'}. "
+                          "Set objective to one of them (e.g. objective=final_test_loss).")
+    value = result[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        log.warning("objective %s = %r is not a finite number: reported to the sweeper as +inf", key, value)
+        return math.inf
+    return float(value)
+
+
+def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Union[T, float, None]]:
+    """Wrap a Hydra task function with the shared error handling and timing (module docstring)."""
+
+    @functools.wraps(fn)
+    def task(cfg: DictConfig) -> Union[T, float, None]:
+        t0 = time.perf_counter()
+        status = "failed"
+        try:
+            result = fn(cfg)
+            value = objective_value(cfg, result) if _objective_key(cfg) is not None else result
+            status = "finished"
+            return value
+        except UserError as err:
+            log.error("%s", one_paragraph(err))
+            raise EntryExit(err.exit_code) from None
+        except OmegaConfBaseException as err:  # a key the code reads is absent or cannot be resolved
+            log.error("%s", one_paragraph(ConfigError(f"the config cannot be read: {err}")))
+            raise EntryExit(ConfigError.exit_code) from None
+        except Interrupted as err:
+            status = "interrupted"
+            log.warning("%s", one_paragraph(err))
+            raise EntryExit(err.exit_code) from None  # a user who stops a job means the whole sweep
+        except RunError as err:
+            log.error("%s", one_paragraph(err))
+            if _in_multirun():  # this job failed (its files are kept); the sweep goes on
+                return math.inf if _objective_key(cfg) is not None else None
+            raise EntryExit(err.exit_code) from None
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("stopped at once by a second interrupt: the files are those written before it (run.json "
+                        "says so for a training run; its model.pt is the last finished epoch's)")
+            raise EntryExit(130) from None
+        except Exception:
+            log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
+            raise EntryExit(1) from None
+        finally:
+            log.info("%s %s after %.1f s", _job_name(fn.__name__), status, time.perf_counter() - t0)
+            _flush_logs()
+
+    return task
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (``configs/hydra/default.yaml``): claim the run (or sweep) directory before Hydra writes
+    ``.hydra/`` into it, so that a refused directory keeps the earlier run's files as they were.
+
+    Logging is not configured yet at this point, so a refusal goes to stderr as one ``[ERROR]`` line; the
+    process exits with status 2.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._claim(config.hydra.run.dir, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._claim(config.hydra.sweep.dir, config)
+
+    @staticmethod
+    def _claim(run_dir: str, config: DictConfig) -> None:
+        try:
+            claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)))
+        except UserError as err:
+            sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
+            raise EntryExit(err.exit_code) from None
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function, giving Hydra's own config errors the exit status of a config error.
+
+    Hydra reports a config it cannot compose (an unknown key, a missing option, a bad override) itself and
+    exits with status 1; every failure inside the task exits through :class:`EntryExit` with its final status,
+    so an exit with status 1 that is not an :class:`EntryExit` is such a config error: status 2.
+    """
+    try:
+        main()
+    except EntryExit:
+        raise
+    except SystemExit as exit_:
+        if exit_.code == 1:
+            raise SystemExit(ConfigError.exit_code) from None
+        raise
+
+
+def run_cli(prog: str, fn: Callable[[], Optional[int]]) -> int:
+    """Run an argparse script's body; return its exit status (errors as ``prog: error: message`` on stderr)."""
+    try:
+        return int(fn() or 0)
+    except (UserError, RunError) as err:
+        sys.stderr.write(f"{prog}: error: {one_paragraph(err)}\n")
+        return err.exit_code

@@ -1,0 +1,1 @@
+"""Zeroth-order estimates (SPSA / MeZO): finite differences on the forward gradient's tangents."""

@@ -1,0 +1,1 @@
+"""Global optimisation of test functions with forward gradients beside backprop (``global_optim.py``)."""

@@ -1,0 +1,1 @@
+"""Network parts: the models, local-loss blocks and the rewritten softmax / cross-entropy."""
