@@ -7,11 +7,15 @@ Writes approx_quality.csv, cosine_vs_k.png and norm_ratio_vs_k.png into the Hydr
 (outputs/approx_quality/<timestamp>/). See fwdgrad/experiments/quality/analysis.py for the maths.
 """
 
-import hydra
-from omegaconf import DictConfig
+from fwdgrad.app.process import prepare_process
 
-from fwdgrad.experiments.quality.analysis import run_approx_quality
-from fwdgrad.app.cli import hydra_task, run_hydra
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fwdgrad.app.cli import hydra_task, run_hydra  # noqa: E402
+from fwdgrad.experiments.quality.analysis import run_approx_quality  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="approx_quality")

@@ -10,7 +10,11 @@ Writes comparison.png and comparison.md and prints the table. The run contract: 
 
 import sys
 
-from fwdgrad.experiments.compare.runs import main
+from fwdgrad.app.process import prepare_process
+
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
+from fwdgrad.experiments.compare.runs import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,11 +10,15 @@ Config: configs/global_optim.yaml. Outputs (TensorBoard scalars, summary.json, l
 go to the Hydra run directory under outputs/global_optim/.
 """
 
-import hydra
-from omegaconf import DictConfig
+from fwdgrad.app.process import prepare_process
 
-from fwdgrad.app.cli import hydra_task, run_hydra
-from fwdgrad.experiments.global_optim.optimize import run
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fwdgrad.app.cli import hydra_task, run_hydra  # noqa: E402
+from fwdgrad.experiments.global_optim.optimize import run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="global_optim")

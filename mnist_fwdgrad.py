@@ -7,11 +7,15 @@ e.g. model=conv dataset=fashion_mnist optimization=adam gradient.num_tangents=16
 All the work is in fwdgrad.experiments.training; the two scripts differ only in config_name.
 """
 
-import hydra
-from omegaconf import DictConfig
+from fwdgrad.app.process import prepare_process
 
-from fwdgrad.app.cli import hydra_task, run_hydra
-from fwdgrad.experiments.training import run
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fwdgrad.app.cli import hydra_task, run_hydra  # noqa: E402
+from fwdgrad.experiments.training import run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="mnist_fwdgrad")

@@ -20,6 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
     sys.path.insert(0, str(ROOT))
 
+from fwdgrad.app.process import prepare_process  # noqa: E402
+
+prepare_process()
+
 from fwdgrad.app.cli import run_cli  # noqa: E402
 from fwdgrad.errors import RunDirError  # noqa: E402
 

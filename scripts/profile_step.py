@@ -14,7 +14,7 @@ Used for docs/performance-scaling.md.
 normal fill of the MLP's 1.86M tangent entries run serially and on the estimator's thread pool, a 1M-float
 ``add_`` (one OpenMP parallel region), and the pool fill right after such a region. The OpenMP runtime's
 worker keeps spinning after a region (libgomp: ``GOMP_SPINCOUNT``/``OMP_WAIT_POLICY``), which shows as CPU
-time beyond the region's work. Importing fwdgrad shortens the spin (``GOMP_SPINCOUNT=10000``, fwdgrad.perf.openmp);
+time beyond the region's work. The script opts in to a short spin (``GOMP_SPINCOUNT=10000``, fwdgrad.perf.openmp);
 compare with ``GOMP_SPINCOUNT=300000`` (libgomp's default) or ``OMP_WAIT_POLICY=PASSIVE`` in the environment.
 """
 
@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fwdgrad  # noqa: E402,F401  (first: it shortens OpenMP's spin before torch loads)
+from fwdgrad.app.process import prepare_process  # noqa: E402
+
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 

@@ -35,7 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fwdgrad  # noqa: E402,F401  (first: it shortens OpenMP's spin before torch loads)
+from fwdgrad.app.process import prepare_process  # noqa: E402
+
+prepare_process()  # first: the experiments extra, then opt-in process settings (before torch loads)
+
 import torch  # noqa: E402
 from torch.func import functional_call, jvp  # noqa: E402
 

@@ -27,6 +27,15 @@ def mnist_root() -> Path:
     return SHARED_MNIST
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _resolvers():
+    """The configs' OmegaConf resolvers, which the entry points register (fwdgrad.app.process); the tests compose
+    the same configs in this process."""
+    from fwdgrad.app.resolvers import register_resolvers
+
+    register_resolvers()
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     # Keep results independent of whatever a previous test set.

@@ -1,4 +1,5 @@
-"""fwdgrad shortens libgomp's spin-wait before torch loads, unless the user chose a wait setting (fwdgrad.perf.openmp)."""
+"""An entry point (never ``import fwdgrad``) shortens libgomp's spin-wait before torch loads, unless the user chose a
+wait setting (fwdgrad.perf.openmp, fwdgrad.app.process)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,11 @@ _PROBE = textwrap.dedent("""
                 seen.append(os.environ.get("GOMP_SPINCOUNT", "unset"))
             return None
     sys.meta_path.insert(0, Watch())
-    import fwdgrad
+    import fwdgrad, fwdgrad.perf.openmp, fwdgrad.app.process  # importing changes nothing
+    assert "GOMP_SPINCOUNT" not in os.environ or os.environ.get("GOMP_SPINCOUNT") == os.environ.get("KEEP")
+    from fwdgrad.app.process import prepare_process
+    prepare_process()  # what every entry point does first
+    import torch
     print(seen[0])
 """)
 
@@ -54,9 +59,9 @@ def _probe(extra_env: dict) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_importing_fwdgrad_sets_it_before_torch_loads():
+def test_an_entry_point_sets_it_before_torch_loads():
     assert _probe({}) == str(SPIN_COUNT)
 
 
-def test_importing_fwdgrad_keeps_a_wait_policy():
+def test_an_entry_point_keeps_a_wait_policy():
     assert _probe({"OMP_WAIT_POLICY": "passive"}) == "unset"

@@ -33,11 +33,11 @@ bad argument), 1 for a :class:`~fwdgrad.errors.RunError`.
 
 Run directories: every Hydra script includes ``configs/hydra/default.yaml``, which names them
 ``outputs/<config name>/<date>_<time with microseconds>-<pid>`` (multirun: ``..._multirun/<job>_<overrides>``),
-so two jobs started in the same second never share one. The ``${pid:}`` resolver it uses is registered here, and
-so is the callback that file installs, :class:`RunDirGuard`: a run directory given by hand
+so two jobs started in the same second never share one (the ``${pid:}`` resolver it uses, and ``${lookup:...}``,
+are registered by :func:`fwdgrad.app.process.prepare_process`, see :mod:`fwdgrad.app.resolvers`). The callback
+that file installs is :class:`RunDirGuard`: a run directory given by hand
 (``hydra.run.dir=...``) that already holds files is refused before Hydra writes into it, unless the config says
-``overwrite=true`` (:mod:`fwdgrad.app.rundir`). So is ``${lookup:table,key}``, which the experiment grids use to pick
-a cell's learning rate from a published table.
+``overwrite=true`` (:mod:`fwdgrad.app.rundir`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -54,37 +53,17 @@ from typing import Any, Callable, Optional, TypeVar, Union
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
 from fwdgrad.app.rundir import claim_run_dir
 
-__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "lookup", "objective_value", "one_paragraph", "run_cli",
+__all__ = ["EntryExit", "RunDirGuard", "hydra_task", "objective_value", "one_paragraph", "run_cli",
            "run_hydra"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-if not OmegaConf.has_resolver("pid"):
-    # The process id, for unique run directories; cached, so a sweep's jobs (joblib workers included, which
-    # receive the parent's resolver cache) share the sweep directory of the process that launched them.
-    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
-
-
-def lookup(table: Any, key: Any) -> Any:
-    """``${lookup:${some.table},${some.key}}``: ``table[key]``, for the per-cell values of an experiment grid
-    (e.g. a published learning rate per network width). Integer keys match their text and vice versa."""
-    for candidate in (key, str(key), int(key) if str(key).lstrip("-").isdigit() else None):
-        if candidate is not None and candidate in table:
-            return table[candidate]
-    raise ConfigError(f"${{lookup:...}}: the table has no entry {key!r}; its keys are {', '.join(map(str, table))}. "
-                      "Choose one of them, or set the looked-up value directly on the command line.")
-
-
-if not OmegaConf.has_resolver("lookup"):
-    OmegaConf.register_new_resolver("lookup", lookup)
-
 
 class EntryExit(SystemExit):
     """The process exit an entry point decided on, after reporting why (its status is final)."""

@@ -18,8 +18,8 @@ Public interface, stable for the estimators: :func:`forward_tangents`, the tange
 :class:`Regenerated`, ``Tangent``, :func:`tangent_slice`, :func:`supported_functions`,
 :class:`~fwdgrad.errors.Unsupported`, and :func:`register` / :func:`register_each` for new rules.
 
-Importing it replaces ``torch.autograd.Function.apply`` by a thin wrapper that behaves exactly like torch's
-outside a pass (see :mod:`fwdgrad.engine.mode`).
+Importing it changes nothing in torch: ``torch.autograd.Function.apply`` is routed to a custom Function's own
+``jvp`` only while a pass runs (:func:`~fwdgrad.engine.mode.function_apply_hook`).
 """
 
 from fwdgrad.engine import rules  # noqa: F401  (registers every rule)

@@ -20,12 +20,13 @@ C++; it does not call ``__torch_function__``). The mode sees only the ops *insid
 ``forward``, and differentiating those ignores the Function's own derivative: a gradient-reversal layer would
 come out with the wrong sign, a straight-through estimator as zero. Two mechanisms make that impossible:
 
-* Importing the engine replaces ``torch.autograd.Function.apply`` by :func:`autograd_function_apply`, which
-  calls torch's own ``apply`` unchanged unless a tangent pass is running in this thread; then it dispatches
-  the call through ``__torch_function__`` (like any torch function), and the mode's rule
-  (:mod:`fwdgrad.engine.rules.autograd_function`) runs the Function's ``forward`` on the primals and its
-  ``jvp`` on the tangents.
-* A guard for calls that bypass the replacement (a reference to ``apply`` taken before fwdgrad was imported):
+* While a pass runs (and only then: importing fwdgrad changes nothing in torch), ``torch.autograd.Function.apply``
+  is :func:`autograd_function_apply` (:func:`function_apply_hook`, entered by :func:`forward_tangents` and left
+  when the pass ends, in every outcome). It calls torch's own ``apply`` unchanged unless a tangent pass is
+  running in the calling thread; then it dispatches the call through ``__torch_function__`` (like any torch
+  function), and the mode's rule (:mod:`fwdgrad.engine.rules.autograd_function`) runs the Function's
+  ``forward`` on the primals and its ``jvp`` on the tangents.
+* A guard for calls that bypass the hook (a reference to ``apply`` taken before the pass began):
   torch's ``apply`` turns forward-mode AD off around ``forward`` (``torch._C._is_fwd_grad_enabled()`` is
   ``False`` there, and :func:`forward_tangents` turns it on for its pass). A tangent-carrying op seen while
   it is off is inside a Function's ``forward``: the mode raises :class:`~fwdgrad.errors.Unsupported`, so
@@ -34,9 +35,11 @@ come out with the wrong sign, a straight-through estimator as zero. Two mechanis
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 from types import FrameType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -48,7 +51,8 @@ from fwdgrad.engine.state import PassState
 from fwdgrad.engine.tangent_types import Tangent, dense, full
 from fwdgrad.errors import Unsupported
 
-__all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "is_in_place"]
+__all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "function_apply_hook",
+           "is_in_place"]
 
 #: Whether forward-mode AD is on in this thread (torch's ``apply`` turns it off around a Function's forward).
 _fwd_grad_enabled = torch._C._is_fwd_grad_enabled
@@ -161,7 +165,7 @@ def forward_tangents(
         aliases[name] = a
     # forward-mode AD on for the pass (also under inference_mode): only a custom Function's forward turns it
     # off, which is how the mode recognises ops inside one (module docstring).
-    with torch.no_grad(), _set_fwd_grad_enabled(True), TangentMode(state):
+    with function_apply_hook(), torch.no_grad(), _set_fwd_grad_enabled(True), TangentMode(state):
         out = fn(aliases)
     t = state.tangent(out)
     if vector and isinstance(out, Tensor):
@@ -174,18 +178,13 @@ def forward_tangents(
 
 
 # ------------------------------------------------------------------------ custom autograd.Functions
-def _torch_apply() -> Any:
-    """torch's own ``Function.apply`` descriptor: the one installed now (a C method in torch 2.14, a Python
-    classmethod in older versions), or the one a previous import of this module wrapped."""
-    current = torch.autograd.Function.__dict__["apply"]
-    return getattr(getattr(current, "__func__", None), "torch_apply", current)
-
-
-_TORCH_APPLY = _torch_apply()
+#: torch's own ``Function.apply`` descriptor (a C method in torch 2.14, a Python classmethod in older versions),
+#: read once; the hook below puts it back when the last pass ends.
+_TORCH_APPLY = torch.autograd.Function.__dict__["apply"]
 
 
 def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
-    """``torch.autograd.Function.apply``, seen by a tangent pass running in this thread (module docstring).
+    """``torch.autograd.Function.apply`` while a pass runs (module docstring).
 
     Without a :class:`TangentMode` on this thread's mode stack it is torch's ``apply``, unchanged, for the
     cost of one more C call (the stack's length). With one, it dispatches through ``__torch_function__`` with
@@ -200,8 +199,32 @@ def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     return _TORCH_APPLY.__get__(None, cls)(*args, **kwargs)
 
 
-autograd_function_apply.torch_apply = _TORCH_APPLY  # type: ignore[attr-defined]
-torch.autograd.Function.apply = classmethod(autograd_function_apply)  # type: ignore[assignment]
+class _ApplyHook:
+    """How many passes (in any thread) are running: the hook is installed by the first and removed by the last."""
+
+    lock = threading.Lock()
+    depth = 0
+
+
+@contextlib.contextmanager
+def function_apply_hook() -> Iterator[None]:
+    """Make ``torch.autograd.Function.apply`` :func:`autograd_function_apply` for the duration of the block.
+
+    Nested and concurrent blocks share one installation (counted); the last to leave restores torch's own
+    descriptor, so outside every pass ``torch.autograd.Function.apply`` is exactly torch's. Another thread that
+    calls ``apply`` meanwhile gets torch's behaviour through the wrapper (no pass runs on its mode stack).
+    """
+    with _ApplyHook.lock:
+        if _ApplyHook.depth == 0:
+            torch.autograd.Function.apply = classmethod(autograd_function_apply)  # type: ignore[assignment]
+        _ApplyHook.depth += 1
+    try:
+        yield
+    finally:
+        with _ApplyHook.lock:
+            _ApplyHook.depth -= 1
+            if _ApplyHook.depth == 0:
+                torch.autograd.Function.apply = _TORCH_APPLY  # type: ignore[assignment]
 
 
 def _inside_function_message() -> str:
@@ -213,9 +236,9 @@ def _inside_function_message() -> str:
         name += " (or a subclass sharing its forward)"
     return (
         f"an op on tangent-carrying tensors ran inside the forward of {name}, which was called without going "
-        "through torch.autograd.Function.apply as fwdgrad installs it (e.g. through a reference to apply taken "
-        "before fwdgrad was imported); the fast engine uses a Function's jvp only when it is called as "
-        "`MyFunction.apply(...)` after `import fwdgrad`"
+        "through torch.autograd.Function.apply as a fwdgrad pass sees it (e.g. through a reference to apply "
+        "taken before the pass began); the fast engine uses a Function's jvp only when the loss calls "
+        "`MyFunction.apply(...)` itself"
     )
 
 

@@ -1,4 +1,5 @@
-"""Every figure of the project, drawn with matplotlib's non-interactive Agg backend (no display needed).
+"""Every figure of the project, drawn on matplotlib ``Figure`` objects (no pyplot, no
+backend switched, no display needed: importing this module leaves matplotlib's global state alone).
 
 * a training run's ``plots.png`` (:func:`plot_run`);
 * ``global_optim.py``'s ``trajectories.png`` and ``loss.png`` (:func:`plot_trajectories`,
@@ -18,18 +19,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from torch import Tensor
 
-matplotlib.use("Agg")  # before pyplot: files only, never a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from fwdgrad.experiments.quality.analysis import expected_cosine  # noqa: E402
-from fwdgrad.experiments.data import Splits  # noqa: E402
-from fwdgrad.experiments.global_optim.functions import TestFunction  # noqa: E402
+from fwdgrad.experiments.quality.theory import expected_cosine
+from fwdgrad.experiments.data import Splits  
+from fwdgrad.experiments.global_optim.functions import TestFunction  
 
 __all__ = [
     "COMPARISON_PANELS",
@@ -44,7 +43,7 @@ __all__ = [
 ]
 
 #: One colour per estimator, in the order they are given (matplotlib's default cycle, fixed for both figures).
-_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+_COLOURS = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def plot_trajectories(
@@ -78,7 +77,8 @@ def plot_trajectories(
     # log(1 + f - f*): f - f* >= 0 spans many decades on these functions; the log keeps the valley visible.
     shifted = torch.log1p((values - function.min_value).clamp_min(0.0))
 
-    fig, ax = plt.subplots(figsize=(6.4, 5.4), dpi=120)
+    fig = Figure(figsize=(6.4, 5.4), dpi=120)
+    ax = fig.subplots()
     filled = ax.contourf(gx.numpy(), gy.numpy(), shifted.numpy(), levels=40, cmap="viridis")
     ax.contour(gx.numpy(), gy.numpy(), shifted.numpy(), levels=20, colors="white", linewidths=0.3, alpha=0.5)
     fig.colorbar(filled, ax=ax, label="log(1 + f(x) - f*)")
@@ -119,7 +119,8 @@ def plot_loss_curves(
     floor of ``1e-16 max(1, |f*|)`` so that the log axis stays finite.
     """
     floor = 1e-16 * max(1.0, abs(min_value))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.subplots()
     for i, (label, values) in enumerate(curves.items()):
         gap = np.maximum(np.asarray(values, dtype=float) - min_value, floor)
         ax.plot(np.arange(len(gap)), gap, color=_COLOURS[i % len(_COLOURS)], linewidth=0.8, label=label)
@@ -137,11 +138,8 @@ def plot_loss_curves(
 def _save(fig: Any, path: Path, **kwargs: Any) -> None:
     """Save ``fig`` to ``path`` atomically (temporary file, then ``os.replace``) and close it."""
     tmp = path.with_name(path.name + ".tmp" + path.suffix)  # the suffix tells matplotlib the format
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
+    fig.savefig(tmp, **kwargs)
+    os.replace(tmp, path)
 
 
 # -- a training run: plots.png ------------------------------------------------------------------------------
@@ -191,7 +189,7 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: Path, splits: Optional[Spl
     if not rows:
         return None
     wrong = _misclassified(splits, pred, num_misclassified)
-    fig = plt.figure(figsize=(13, 4.2 if wrong is None else 8.4), layout="constrained")
+    fig = Figure(figsize=(13, 4.2 if wrong is None else 8.4), layout="constrained")
     top, bottom = (fig, None) if wrong is None else fig.subfigures(2, 1, height_ratios=[1, 1.1])
     ax_loss, ax_acc = top.subplots(1, 2)
     for ax, kind in ((ax_loss, "loss"), (ax_acc, "accuracy")):
@@ -230,8 +228,9 @@ def plot_comparison(runs: Sequence[Tuple[str, pd.DataFrame]], path: Path) -> Pat
         runs: ``(label, history)`` per run, ``history`` as read from its ``history.csv``.
         path: the PNG to write.
     """
-    fig, axes = plt.subplots(1, len(COMPARISON_PANELS), figsize=(5.0 * len(COMPARISON_PANELS), 4.0))
-    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    fig = Figure(figsize=(5.0 * len(COMPARISON_PANELS), 4.0))
+    axes = fig.subplots(1, len(COMPARISON_PANELS))
+    cmap = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"]
     for i, (label, history) in enumerate(runs):
         for ax, (x, y, _, _) in zip(axes, COMPARISON_PANELS):
             data = history_curve(history, x, y)
@@ -249,7 +248,7 @@ def plot_comparison(runs: Sequence[Tuple[str, pd.DataFrame]], path: Path) -> Pat
     fig.tight_layout()
     handles, labels = axes[0].get_legend_handles_labels()
     if not handles:  # no curves in the first panel: take labels from the runs anyway
-        handles = [plt.Line2D([], [], color=cmap(i % cmap.N)) for i in range(len(runs))]
+        handles = [Line2D([], [], color=cmap(i % cmap.N)) for i in range(len(runs))]
         labels = [label for label, _ in runs]
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
                ncol=max(1, min(3, len(runs))), fontsize=8, frameon=False)
@@ -264,7 +263,8 @@ _DIST_STYLES = ["-", "--", ":", "-."]
 
 def _panels(df: pd.DataFrame) -> Tuple[Any, List[str], Any]:
     sources = list(dict.fromkeys(df["source"]))
-    fig, axes = plt.subplots(1, len(sources), figsize=(4.6 * len(sources), 4.0), squeeze=False)
+    fig = Figure(figsize=(4.6 * len(sources), 4.0))
+    axes = fig.subplots(1, len(sources), squeeze=False)
     return fig, sources, axes[0]
 
 
@@ -392,13 +392,15 @@ def plot_cosine_vs_angle(df: pd.DataFrame, path: Path) -> None:
         ax.set_xticks(sorted(angled["angle"].unique()))
         ax.grid(True, alpha=0.25)
     _finish(fig, axes, path)
+
+
 # -- approx_quality.py with a model source: methods.png ------------------------------------------------------------
 def plot_method_cosines(df: pd.DataFrame, path: Path) -> None:
     """Mean cosine similarity (bars, +- one std) of every method to the global gradient and, for methods that
     follow local losses, to the local one; a panel per source point (:mod:`fwdgrad.experiments.quality.method_quality`)."""
     sources = list(dict.fromkeys(df["source"]))
-    fig, axes = plt.subplots(1, len(sources), figsize=(5.2 * len(sources), 0.45 * df["method"].nunique() + 1.6),
-                             squeeze=False, sharey=True)
+    fig = Figure(figsize=(5.2 * len(sources), 0.45 * df["method"].nunique() + 1.6))
+    axes = fig.subplots(1, len(sources), squeeze=False, sharey=True)
     for ax, src in zip(axes[0], sources):
         sub = df[df["source"] == src].reset_index(drop=True)
         pos = np.arange(len(sub))

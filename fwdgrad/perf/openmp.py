@@ -1,25 +1,16 @@
-"""How long torch's OpenMP workers spin after a parallel region: shortened by default, before torch loads.
+"""How long torch's OpenMP workers spin after a parallel region: an opt-in process setting, made before torch loads.
 
 torch's Linux wheels use GNU OpenMP (libgomp). After every parallel region its worker threads *spin* waiting
-for the next one: about 300,000 iterations (libgomp's "3 ms" default when ``OMP_WAIT_POLICY`` is unset), which
-measured ~5 ms of CPU after a single 1M-float ``add_`` on the 2-core development machine. Backprop never
-notices (all its work is parallel regions that the spinning worker picks up at once), but the forward
-gradient draws its random numbers on its own threads (:mod:`fwdgrad.estimators.tangents.rng`; torch's CPU generator is
-sequential), and for those ~5 ms the spinning worker holds a core the drawing threads need. The draw then runs
-at serial speed with two threads (docs/performance-scaling.md).
+for the next one (about 300,000 iterations, libgomp's default when ``OMP_WAIT_POLICY`` is unset). Backprop
+never notices, but a spinning worker holds a core that other threads of the step may need.
+``GOMP_SPINCOUNT`` = :data:`SPIN_COUNT` (about 0.1 ms) keeps the worker spinning through backprop's short gaps
+between regions but lets it sleep soon after. The measurements behind the choice are in
+docs/performance-scaling.md.
 
-``GOMP_SPINCOUNT=10000`` (about 0.1 ms) keeps the worker spinning through backprop's sub-millisecond gaps
-between regions but lets it sleep before a draw. Measured at 2 threads on the benchmark's MLP (three
-alternating pairs of processes): the dense k=1 step at batch 64 2.27-2.39x -> 1.71-1.87x backprop, FG-A at batch
-1024 1.15-1.18x -> 1.10-1.13x, backprop's own step time unchanged; a chunked 2M-entry normal fill right after a
-GEMM 5.6 -> 3.2 ms (median). ``OMP_WAIT_POLICY=PASSIVE`` (no spinning at all) made backprop at batch 64 30%
-slower.
-
-libgomp reads the variable once, when torch loads it, so :func:`shorten_openmp_spin` runs when ``fwdgrad`` is
-imported (``fwdgrad/__init__.py``), before it imports torch; in a process that imported torch first it changes
-nothing for that process (only for the processes it starts). A choice of your own wins: with
-``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set in the environment, nothing is changed. This module must not
-import torch.
+libgomp reads the variable once, when torch loads it. A library must not change its host process, so fwdgrad
+never calls :func:`shorten_openmp_spin` on import: the entry points opt in (:mod:`fwdgrad.app.process`), before
+they import torch. A choice of your own wins: with ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` set in the
+environment, nothing is changed. This module must not import torch.
 """
 
 from __future__ import annotations
