@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-install whenever the pins or the package's dependencies change. The torch pins first (requirements.txt),
-# then fwdgrad itself, editable, with its dependencies and the dev extra (pytest, ruff) from pyproject.toml.
+# then fwdgrad itself, editable, with the experiments extra (Hydra, plots, datasets) and the dev extra (pytest,
+# ruff, hypothesis, expecttest) from pyproject.toml.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[experiments,dev]"
 	touch $(STAMP)
 
 test: setup
@@ -24,7 +25,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 bench: setup
-	$(PY) scripts/bench.py
+	$(PY) -m fwdgrad.perf.bench
 
 lint: setup
 	$(PY) -m ruff check .
