@@ -331,7 +331,7 @@ class DataParallelEstimator(GradientEstimator):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         self.stats = CommStats()
         # An empty shard contributes exactly nothing: its loss, a mean over no rows, would be 0/0 = nan, and
         # nan * 0 is still nan. Every rank still joins the all-reduce (and draws the step's tangents, which

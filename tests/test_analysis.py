@@ -27,12 +27,10 @@ from omegaconf import open_dict
 
 from fwdgrad import TANGENT_DISTRIBUTIONS, ForwardGradient
 from fwdgrad.errors import ConfigError
+from fwdgrad.experiments.quality.theory import cos2_variance, expected_cos2, expected_cosine
 from fwdgrad.experiments.quality.analysis import (
-    _normalise_source,
+    normalise_source,
     approx_quality_table,
-    cos2_variance,
-    expected_cos2,
-    expected_cosine,
     flatten_params,
     gaussian_gradients,
     linear_loss,
@@ -186,7 +184,7 @@ def test_every_source_config_instantiates(name, request):
         root = request.getfixturevalue("mnist_root")  # skips with a reason when ../shared is absent
         overrides += [f"source.dataset.root={root}", "source.hidden_sizes=[16]", "source.train_steps=[0,3]"]
     cfg = _compose(overrides)
-    source = _normalise_source(instantiate(cfg.source))
+    source = normalise_source(instantiate(cfg.source))
     assert source and all(flatten_params(g).numel() >= 1 for _, g in source)
 
 

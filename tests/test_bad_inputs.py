@@ -302,7 +302,7 @@ def test_a_loss_fn_that_writes_into_the_params_is_refused_and_the_callers_tensor
 class _Careless(GradientEstimator):
     """An estimator that passes the caller's tensors on as they are (as a new estimator might)."""
 
-    def __call__(self, loss_fn, params):
+    def compute(self, loss_fn, params):
         return loss_fn(params).detach(), torch.zeros_like(params)
 
 

@@ -51,7 +51,6 @@ from fwdgrad.estimators.base import (
     check_scalar_loss,
     check_seed,
     cosine_similarity,
-    estimate_module_grads,
     flatten,
     from_param_dict,
     total_numel,
@@ -60,6 +59,7 @@ from fwdgrad.estimators.tangents.custom import FixedAngle, JointDistribution, St
 from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.guess import LocalGuess
 from fwdgrad.estimators.local import estimate_local_grads
+from fwdgrad.estimators.module_grads import estimate_module_grads
 from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.memory_policy import (
     PASS_TENSORS,

@@ -1,23 +1,22 @@
-"""The estimator interface, the backprop baseline, the bridge to ``torch.optim`` and the parameter helpers.
+"""The estimator interface, the backprop baseline and the parameter helpers.
 
 Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` where ``loss_fn`` maps the parameters
 (a ``dict[str, Tensor]`` or a single ``Tensor``) to a scalar loss and ``grads`` has the structure of
 ``params``. The training loops never know which estimator they are driving.
 
-Every estimator's ``__call__`` is wrapped once, when its class is defined (:meth:`GradientEstimator.__init_subclass__`),
-with the input checks that no estimator should have to repeat: ``params`` must be a non-empty tensor or dict of
+Every estimator's ``__call__`` (:meth:`GradientEstimator.__call__`, which calls the subclass's ``compute``) makes
+the input checks that no estimator should have to repeat: ``params`` must be a non-empty tensor or dict of
 floating-point tensors (an empty dict has nothing to differentiate; an integer tensor has no gradient, and a
 rademacher forward gradient of it would come out as integers), and ``loss_fn`` must leave the caller's tensors as
 they were (each call of it is followed by a look at the tensors' version counters, which every in-place write
 increments).
 Estimators that need the model itself (activity perturbation perturbs its layer outputs; local-gradient guesses
 read its blocks) implement the optional module-level hook of :class:`ModuleEstimator` instead, which
-:func:`estimate_module_grads` calls; their functional call raises a :class:`~fwdgrad.errors.ConfigError`.
+:func:`~fwdgrad.estimators.module_grads.estimate_module_grads` calls; their functional call raises a :class:`~fwdgrad.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import numbers
@@ -26,11 +25,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.step_buffers import StepBuffers
-from fwdgrad.nn.local_losses import local_blocks
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +39,6 @@ __all__ = [
     "OutputLoss",
     "run_stages",
     "Backprop",
-    "estimate_module_grads",
     "mean_loss",
     "write_grads",
     "as_param_dict",
@@ -132,16 +127,6 @@ def _guard_against_in_place(loss_fn: LossFn, tensors: List[Tensor]) -> LossFn:
     return guarded
 
 
-def _with_param_checks(call: Callable[..., Tuple[Tensor, Params]]) -> Callable[..., Tuple[Tensor, Params]]:
-    @functools.wraps(call)
-    def checked(self: "GradientEstimator", loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
-        tensors = check_params(params)
-        return call(self, _guard_against_in_place(loss_fn, tensors), params)
-
-    checked._checks_params = True  # type: ignore[attr-defined]
-    return checked
-
-
 def flatten(params: Params) -> Tensor:
     """The whole parameter vector: every tensor flattened and concatenated, in dict order."""
     return torch.cat([t.reshape(-1) for t in as_param_dict(params)[0].values()])
@@ -165,16 +150,11 @@ def cosine_similarity(a: Params, b: Params) -> float:
 class GradientEstimator(ABC):
     """Common interface: ``loss, grads = est(loss_fn, params)``.
 
-    A subclass's ``__call__`` is wrapped with the input checks of the module docstring (:func:`check_params`,
-    and a ``loss_fn`` that writes into the caller's tensors raises :class:`~fwdgrad.errors.ConfigError`); the
-    estimator's own code may still modify tensors in place between its calls of ``loss_fn``.
+    ``__call__`` makes the input checks of the module docstring (:func:`check_params`, and a ``loss_fn`` that
+    writes into the caller's tensors raises :class:`~fwdgrad.errors.ConfigError`), then calls the subclass's
+    :meth:`compute`, which does the estimator's work; the estimator's own code may still modify tensors in
+    place between its calls of ``loss_fn``.
     """
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        call = cls.__dict__.get("__call__")
-        if call is not None and not getattr(call, "_checks_params", False):
-            cls.__call__ = _with_param_checks(call)  # type: ignore[method-assign]
 
     #: With a model trained by local losses (:mod:`fwdgrad.nn.local_losses`): True (default) estimates each block's
     #: loss by its own call, so a random estimate's noise never mixes blocks (each block's forward gradient has
@@ -187,9 +167,14 @@ class GradientEstimator(ABC):
     #: perturbed says False, and :func:`estimate_module_grads` warns that the statistics come from a perturbed pass.
     first_evaluation_at_params: bool = True
 
-    @abstractmethod
     def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         """Return the loss at ``params`` (detached) and a gradient estimate shaped like ``params``."""
+        tensors = check_params(params)
+        return self.compute(_guard_against_in_place(loss_fn, tensors), params)
+
+    @abstractmethod
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+        """The estimator's work behind :meth:`__call__`, on checked inputs (what a subclass implements)."""
 
     def describe(self) -> Dict[str, object]:
         """Settings worth logging next to a run (estimator name and hyper-parameters)."""
@@ -255,7 +240,7 @@ class Backprop(GradientEstimator):
 
     separate_local_losses = False  # exact: the sum of detached local losses has each block's own gradient
 
-    def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         p, single = as_param_dict(params)
         with torch.enable_grad():
             leaves = {name: t.detach().requires_grad_(True) for name, t in p.items()}
@@ -282,19 +267,6 @@ class Backprop(GradientEstimator):
         return {}  # exact: nothing random
 
 
-def warn_perturbed_statistics(estimator: GradientEstimator, model: nn.Module) -> None:
-    """Log once per estimator that ``model``'s batch-norm running statistics will come from a perturbed pass."""
-    if estimator.__dict__.get("_warned_statistics"):
-        return
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-           for m in model.modules()):
-        estimator.__dict__["_warned_statistics"] = True
-        log.warning("%s evaluates the loss only at perturbed parameters, so batch norm's running statistics are "
-                    "updated from a perturbed pass (off by the size of the perturbation). For statistics at the "
-                    "parameters themselves, use exact_loss=true (one more no-grad pass per step).",
-                    type(estimator).__name__)
-
-
 def mean_loss(loss: Tensor) -> Tensor:
     """The loss itself if it is a scalar, else the mean of per-example losses."""
     return loss if loss.dim() == 0 else loss.mean()
@@ -305,46 +277,3 @@ def write_grads(module: nn.Module, grads: Mapping[str, Tensor]) -> None:
     for name, param in module.named_parameters():
         if name in grads:
             param.grad = grads[name].to(param.dtype)
-
-
-def estimate_module_grads(
-    estimator: GradientEstimator,
-    model: nn.Module,
-    loss_of_output: OutputLoss,
-    *inputs: Tensor,
-) -> Tensor:
-    """Estimate the gradient of ``loss_of_output(model(*inputs))`` and write it into ``p.grad``.
-
-    This is the bridge to the ``torch.optim`` world: after it, any optimizer, scheduler or
-    ``clip_grad_norm_`` works unchanged. Parameters with ``requires_grad=False`` are held fixed. Buffers (e.g.
-    batch norm's running statistics) move once per call, as in a backprop step, however often the estimator
-    evaluates the loss (:class:`~fwdgrad.estimators.step_buffers.StepBuffers`). Returns the (detached) loss.
-
-    ``loss_of_output`` returns the loss, or one loss per example whose mean is the loss (estimators that work
-    per example need that: :class:`ModuleEstimator`, whose hook is used when the estimator has one). With a model
-    trained by local losses (``model.local_losses``), every estimator follows them
-    (:func:`fwdgrad.estimators.local.estimate_local_grads`), and the loss returned is the output layer's.
-    """
-    hook = getattr(estimator, "estimate_module", None)
-    if hook is not None:
-        return hook(model, loss_of_output, inputs)
-    blocks = local_blocks(model)
-    if blocks is not None:
-        from fwdgrad.estimators.local import estimate_local_grads  # (imports this module)
-
-        return estimate_local_grads(estimator, model, blocks, loss_of_output, inputs)
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = StepBuffers(model)
-    if not estimator.first_evaluation_at_params:
-        warn_perturbed_statistics(estimator, model)
-
-    def loss_fn(p: Dict[str, Tensor]) -> Tensor:
-        work = buffers.fresh()
-        loss = mean_loss(loss_of_output(functional_call(model, (p, work), inputs)))
-        buffers.returned(work)
-        return loss
-
-    loss, grads = estimator(loss_fn, params)
-    buffers.commit()
-    write_grads(model, grads)
-    return loss

@@ -55,7 +55,7 @@ class LocalGuess(GradientEstimator):
         self._backprop = Backprop()
         self._memory: Optional[TangentMemoryPolicy] = None
 
-    def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         raise ConfigError(
             "gradient=forward_guess takes its guesses from the model's blocks and their auxiliary losses, so it "
             "needs the model: use it through fwdgrad.estimate_module_grads (as the training loop does) with "

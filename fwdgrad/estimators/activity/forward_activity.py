@@ -90,7 +90,7 @@ class ForwardActivity(PassStateDict, SeededGenerators, GradientEstimator):
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._sites: Optional[tuple] = None  # (weakref to the model, its key, sites, shapes): see _structure
 
-    def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         raise ConfigError(
             "gradient=forward_activity perturbs a model's layer outputs, so it needs the model, not only a loss "
             "of its parameters: use it through fwdgrad.estimate_module_grads (as the training loop does), with "

@@ -72,6 +72,11 @@ class ChunkedRNG:
         self._workers = 0
         self._finalizer: Optional[weakref.finalize] = None
 
+    @property
+    def workers(self) -> int:
+        """Threads in this object's pool now: 0 before the first parallel fill, after :meth:`close` and in a copy."""
+        return self._workers
+
     def num_chunks(self, n: int) -> int:
         """Chunk ids a block of ``n`` random numbers takes."""
         return num_chunks(n, self.chunk)

@@ -107,7 +107,7 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
         self._checked: Set[str] = set()  # parameters known to be seen by the perturbation, or unused
         self._logged_ops: Set[str] = set()
 
-    def __call__(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
+    def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         return run_stages(self, loss_fn, params)
 
     def describe(self) -> Dict[str, object]:

@@ -54,6 +54,15 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from fwdgrad.app.config import build, threads
+from fwdgrad.experiments.plots import plot_cosine_vs_angle, plot_cosine_vs_k, plot_method_cosines, plot_norm_ratio_vs_k
+from fwdgrad.experiments.quality.theory import (
+    SPLITTING_AGGREGATIONS,
+    cos2_beta_parameters,
+    cos2_variance,
+    expected_cos2,
+    expected_cosine,
+    expected_norm_ratio_sq,
+)
 from fwdgrad.errors import ConfigError
 from fwdgrad.engine import Regenerated
 from fwdgrad.estimators import (
@@ -105,7 +114,6 @@ Distribution = str | TangentDistribution
 EstimatorFactory = Callable[[int, str, Distribution], DirectionalEstimator]
 
 QUANTILES = (0.05, 0.5, 0.95)
-_SPLITTING_AGGREGATIONS = ("mean", "sum")  # same direction, sum = k * mean
 
 
 # -- sources ----------------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def _global_and_head_step(model: Any, opt: torch.optim.Optimizer, x: Tensor, y: 
     opt.step()
 
 
-def _normalise_source(source: Any) -> GradientSource:
+def normalise_source(source: Any) -> GradientSource:
     """Accept a list of ``(name, params)`` pairs or a ``{name: params}`` mapping from a source factory."""
     items: Iterable[Any] = source.items() if isinstance(source, Mapping) else source
     out: GradientSource = []
@@ -233,52 +241,6 @@ def linear_loss(grad: Params) -> LossFn:
         return sum((g[name] * pd_[name]).sum() for name in g)
 
     return loss
-
-
-# -- theory for Gaussian tangents ------------------------------------------------------------------------------
-def cos2_beta_parameters(aggregation: str, n: int, k: int) -> tuple[float, float]:
-    """``(alpha, beta)`` with ``cos^2 ~ Beta(alpha, beta)`` for Gaussian tangents (module docstring)."""
-    if aggregation == "projection":
-        if k > n:
-            raise ValueError(f"projection needs k <= n, got k={k}, n={n}.")
-        return k / 2, (n - k) / 2
-    if aggregation in _SPLITTING_AGGREGATIONS:
-        return k / 2, (n - 1) / 2
-    raise ValueError(f"no Gaussian-tangent theory for aggregation {aggregation!r}.")
-
-
-def expected_cos2(aggregation: str, n: int, k: int) -> float:
-    """``E[cos^2]`` for Gaussian tangents: k/n (projection), k/(n+k-1) (mean, sum)."""
-    a, b = cos2_beta_parameters(aggregation, n, k)
-    return a / (a + b)
-
-
-def cos2_variance(aggregation: str, n: int, k: int) -> float:
-    """``Var[cos^2]`` for Gaussian tangents (Beta variance; projection: k(n-k) / (n^2 (n/2+1)))."""
-    a, b = cos2_beta_parameters(aggregation, n, k)
-    return a * b / ((a + b) ** 2 * (a + b + 1))
-
-
-def expected_cosine(aggregation: str, n: int, k: int) -> float:
-    """``E[cos]`` for Gaussian tangents: ``B(alpha+1/2, beta) / B(alpha, beta)`` with cos^2 ~ Beta(alpha, beta).
-
-    The beta-function ratio is ``G(alpha+1/2) G(alpha+beta) / (G(alpha) G(alpha+beta+1/2))`` (G = Gamma), which
-    does not involve ``G(beta)`` and is therefore also right (= 1) in the degenerate case beta = 0 (k = n for
-    projection, n = 1 for mean).
-    """
-    a, b = cos2_beta_parameters(aggregation, n, k)
-    return math.exp(math.lgamma(a + 0.5) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(a + b + 0.5))
-
-
-def expected_norm_ratio_sq(aggregation: str, n: int, k: int) -> float:
-    """``E[|g|^2] / |a|^2`` for Gaussian tangents: k/n (projection), (n+k+1)/k (mean), k(n+k+1) (sum)."""
-    if aggregation == "projection":
-        return expected_cos2("projection", n, k)
-    if aggregation == "mean":
-        return (n + k + 1) / k
-    if aggregation == "sum":
-        return k * (n + k + 1)
-    raise ValueError(f"no Gaussian-tangent theory for aggregation {aggregation!r}.")
 
 
 # -- sampling ----------------------------------------------------------------------------------------------------
@@ -458,7 +420,7 @@ def _log_table(df: pd.DataFrame) -> None:
     if "projection" in set(df["aggregation"]):
         exp = df[df["aggregation"] == "projection"].drop_duplicates(["source", "k"])
         table["E[cos] proj"] = exp.set_index(["source", "k"])["cos_expected_gaussian"]
-    exp = df[df["aggregation"].isin(_SPLITTING_AGGREGATIONS)].drop_duplicates(["source", "k"])
+    exp = df[df["aggregation"].isin(SPLITTING_AGGREGATIONS)].drop_duplicates(["source", "k"])
     if len(exp):
         table["E[cos] mean"] = exp.set_index(["source", "k"])["cos_expected_gaussian"]
     log.info("mean cosine similarity to the true gradient (E[...]: exact, Gaussian tangents):\n%s",
@@ -506,14 +468,13 @@ def run_approx_quality(cfg: DictConfig, output_dir: Path | None = None) -> dict[
     if make_zo is not None:
         make_zo(1)
     raw = build(cfg.source, "source")
-    source = _normalise_source(raw)
+    source = normalise_source(raw)
     log.info("sources: %s; k in %s; %d draws each", ", ".join(n for n, _ in source), ks, cfg.num_samples)
 
     with threads(cfg.get("num_threads") or None, "num_threads"):
         df = approx_quality_table(source, make, ks, aggregations, distributions, int(cfg.num_samples), make_zo)
     if df.empty:
         raise ConfigError("no combination of source, distribution and aggregation could be measured.")
-    from fwdgrad.experiments.plots import plot_cosine_vs_angle, plot_cosine_vs_k, plot_norm_ratio_vs_k  # plots imports us
 
     output_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(output_dir / "approx_quality.csv", index=False)
@@ -540,7 +501,6 @@ def _compare_methods(cfg: DictConfig, problems: list, output_dir: Path) -> dict[
         if methods:
             log.info("the source has no model problems (use source=mnist_mlp): methods not compared")
         return {}
-    from fwdgrad.experiments.plots import plot_method_cosines
 
     with threads(cfg.get("num_threads") or None, "num_threads"):
         mdf = method_quality_table(problems, methods, int(cfg.get("method_samples", 20)))
