@@ -1,4 +1,4 @@
-"""Smoke test of ``scripts/bench.py``: the quick mode produces the table and the CSV (no timing assertions)."""
+"""Smoke test of the benchmark (``make bench``, ``scripts/bench.py``): the quick mode produces the table and the CSV (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+import fwdgrad.perf.bench as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
@@ -35,10 +39,6 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
                                                           "fg normal k=1", "fg normal k=2"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["samples"]) >= 1
-        if r["variant"] == "forward":
-            assert float(r["r_f"]) == 1.0
-        if r["variant"] == "backprop":
-            assert float(r["fg_over_bp"]) == 1.0
         if r["variant"] != "forward":  # every step allocates at least its gradient
             assert float(r["peak_mib"]) > 0
     assert "| model | batch | step | ms / step | R_f (× forward) | fg / bp | peak MiB | RSS MiB |" in md
@@ -69,18 +69,8 @@ def test_bad_arguments_give_a_one_line_error_and_keep_results(tmp_path):
     assert (kept / "bench.md").read_text() == "earlier results"
 
 
-def _bench_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fwdgrad_bench_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_targets_are_checked_at_every_thread_count():
-    bench = _bench_module()
 
     def row(threads, variant, ratio, batch=1024):
         return bench.Result("mlp", batch, variant, "normal", 1, "auto", 1.0, 1.0, 1.0, 1.0, 3, 1, 0.0, 0.0,
@@ -96,7 +86,7 @@ def test_targets_are_checked_at_every_thread_count():
     # the default repeats the targets' rows at one thread (skipped when the main run has one thread already)
     args = bench.parse_args([])
     runs = bench.target_runs(args, [1, 4, 16], ["normal", "rademacher", "rank1"], [64, 256, 1024])
-    if bench.torch.get_num_threads() == 1:
+    if torch.get_num_threads() == 1:
         assert runs == []
     else:
         assert [(t, b) for t, b, _ in runs] == [(1, 64), (1, 1024)]

@@ -69,17 +69,10 @@ def test_forward_simulated_config_trains_like_forward(tmp_path):
                       ForwardGradient)
 
 
-def test_bench_has_simulated_rows(monkeypatch):
-    import importlib.util
-    import sys
+def test_bench_has_simulated_rows():
+    import fwdgrad.perf.bench as bench
 
-    from mnist_helpers import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
     args = bench.parse_args(["--quick"])
-    labels = [v.label for v in bench.variants([1], ["normal"], [], sim_ks=bench._ints(args.simulated_ks, "simulated-ks"))]
+    labels = [v.label for v in bench.variants([1], ["normal"], [], sim_ks=bench.int_list(args.simulated_ks, "simulated-ks"))]
     assert "fg normal k=2 (simulated: backprop, then B^T g)" in labels
     assert bench.parse_args([]).simulated_ks == "16"

@@ -1,0 +1,191 @@
+"""What the benchmark runs: the table's rows (:class:`Variant`), the models, and one gradient step of each."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Union
+
+import torch
+from torch import nn
+
+from fwdgrad import (
+    Backprop,
+    ForwardActivity,
+    ForwardGradient,
+    GradientEstimator,
+    LocalGuess,
+    ZerothOrder,
+    estimate_module_grads,
+)
+from fwdgrad.errors import ConfigError
+from fwdgrad.nn.functional import cross_entropy, per_example_cross_entropy
+from fwdgrad.nn.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer
+
+log = logging.getLogger("bench")
+
+
+MIB = 2**20
+
+
+SHAPE = (1, 28, 28)
+
+
+class BenchError(ConfigError):
+    """Bad command-line input (exit status 2, like argparse's own errors)."""
+
+
+# -- configurations ------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    """One row of the table: what runs as the step."""
+
+    name: str  # forward | backprop | fg | fga (activity perturbation) | guess (local-gradient guesses) | zo
+    distribution: str = ""
+    k: int = 0
+    backend: str = ""
+    regenerate: Union[bool, str] = "auto"  # ForwardGradient's regenerate_tangents
+    local: bool = False  # the model trains with local losses (fwdgrad.nn.local_losses): LG-BP, LG-FG-W, LG-FG-A
+    groups: int = 1  # with local losses: unit groups per block, each with its own loss (model.local_groups)
+    aggregation: str = "mean"  # ForwardGradient's aggregation
+
+    @property
+    def label(self) -> str:
+        prefix = ("local " if self.local else "") + (f"{self.groups}-group " if self.groups > 1 else "")
+        if self.name in ("fga", "zo"):
+            return f"{prefix}{self.name} {self.distribution} k={self.k}"
+        if self.name != "fg":
+            return prefix + self.name
+        suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
+        suffix += "" if self.aggregation == "mean" else f" {self.aggregation}"
+        backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
+        return prefix + f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
+
+
+def passes(v: Variant) -> str:
+    """What one step of ``v`` runs over the model: its cost in passes."""
+    if v.name == "forward":
+        return "1 no-grad forward"
+    if v.name == "backprop":
+        return "1 forward + 1 backward"
+    if v.name == "zo":  # central differences, plus one pass for the exact loss f(theta)
+        return f"{2 * v.k + 1} no-grad forwards"
+    if v.name == "guess":  # each block's guess is its local-loss gradient, then one pass projects onto them
+        return "1 forward + a backward inside each block, then 1 forward-mode pass"
+    per_example = " per example and layer output" if v.name == "fga" else ""
+    return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}{per_example}"
+
+
+#: name -> (full size, --quick size); all on MNIST's 1x28x28 images. The last four are the models of the
+#: multi-tangent paper's Section 4.5 (FROG_MODELS), in the sizes frog trains them.
+BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
+    "mlp": (lambda: MLP(SHAPE, 10, (1024, 1024)), lambda: MLP(SHAPE, 10, (64, 64))),
+    "convnet": (lambda: ConvNet(SHAPE, 10), lambda: ConvNet(SHAPE, 10, channels=4, hidden_size=32)),
+    "lenet5": (lambda: LeNet5(SHAPE, 10), lambda: LeNet5(SHAPE, 10)),
+    "resnet18": (lambda: ResNet(SHAPE, 10), lambda: ResNet(SHAPE, 10, width=4, blocks=(1, 1))),
+    "vit": (lambda: VisionTransformer(SHAPE, 10),
+            lambda: VisionTransformer(SHAPE, 10, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16)),
+    "mlp_mixer": (lambda: MLPMixer(SHAPE, 10),
+                  lambda: MLPMixer(SHAPE, 10, hidden_dim=16, token_mlp_dim=8, channel_mlp_dim=16, num_blocks=1)),
+
+
+}
+
+
+FROG_MODELS = ("lenet5", "resnet18", "vit", "mlp_mixer")
+
+
+def build_model(name: str, quick: bool, local: bool = False, groups: int = 1) -> nn.Module:
+    if name not in BENCH_MODELS:
+        raise BenchError(f"unknown model {name!r}; use --models with any of {', '.join(BENCH_MODELS)} "
+                         "(comma separated).")
+    if local:  # the local-loss rows (issue 12): the MLP and conv net with auxiliary heads (and unit groups)
+        if name == "mlp":
+            return MLP(SHAPE, 10, (64, 64) if quick else (1024, 1024), local_losses=True, local_groups=groups)
+        tiny = dict(channels=4 if groups == 1 else 16, hidden_size=32)  # --quick: channels that groups divide
+        return ConvNet(SHAPE, 10, local_losses=True, local_groups=groups, **(tiny if quick else {}))
+    return BENCH_MODELS[name][1 if quick else 0]()
+
+
+def frog_variants(ks: Sequence[int], func_ks: Sequence[int]) -> List[Variant]:
+    """The Section 4.5 models' rows: forward, backprop, dense normal tangents for each k (the fast engine), and
+    the torch.func reference at k = 1."""
+    return [Variant("forward"), Variant("backprop"), *[Variant("fg", "normal", k, "func") for k in func_ks if k == 1],
+            *[Variant("fg", "normal", k, "auto") for k in ks]]
+
+
+def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
+             zo_ks: Sequence[int] = (), sim_ks: Sequence[int] = ()) -> List[Variant]:
+    out = [Variant("forward"), Variant("backprop")]
+    out += [Variant("fg", "normal", k, "func") for k in func_ks]
+    out += [Variant("fg", "normal", k, "simulated") for k in sim_ks]  # frog's simfg: same estimate, for studies
+    out += [Variant("fg", d, k, "auto") for d in dists for k in ks]
+    if "normal" in dists and 1 in ks:  # the two ends of the default's memory/speed trade (regenerate "auto")
+        out += [Variant("fg", "normal", 1, "auto", regenerate=False), Variant("fg", "normal", 1, "auto", regenerate=True)]
+    if "normal" in dists and 16 in ks:  # issue 12's table: the projection onto 16 tangents (a 16 x 16 Gram solve more)
+        out.append(Variant("fg", "normal", 16, "auto", aggregation="projection"))
+    # activity perturbation and local losses (issue 12): FG-A, LG-BP, LG-FG-W, LG-FG-A (also with 16 unit groups),
+    # local-gradient guesses
+    out += [Variant("fga", "normal", 1), Variant("backprop", local=True), Variant("fg", "normal", 1, "auto", local=True),
+            Variant("fga", "normal", 1, local=True), Variant("fga", "normal", 1, local=True, groups=16),
+            Variant("guess", local=True)]
+    return out + [Variant("zo", "normal", k) for k in zo_ks]
+
+
+def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The callable timed for ``v``, with its own new estimator (its first call allocates its buffers)."""
+
+    def loss_of(out: torch.Tensor) -> torch.Tensor:
+        return per_example_cross_entropy(out, y)  # what the training loop passes (its mean is the loss)
+
+    if v.name == "forward":
+        def step() -> None:
+            with torch.no_grad():
+                cross_entropy(model(x), y)
+        return step
+    est = make_estimator(v)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        estimate_module_grads(est, model, loss_of, x)
+
+    return step
+
+
+def make_estimator(v: Variant) -> GradientEstimator:
+    """A new estimator for the variant's row."""
+    if v.name == "backprop":
+        return Backprop()
+    if v.name == "fga":
+        return ForwardActivity(v.k, "mean", v.distribution, seed=0)
+    if v.name == "guess":
+        return LocalGuess()
+    if v.name == "zo":
+        return ZerothOrder(v.k, distribution=v.distribution, seed=0)
+    return ForwardGradient(v.k, v.aggregation, v.distribution, seed=0, backend=v.backend,
+                           regenerate_tangents=v.regenerate)
+
+
+# -- the deep-MLP memory check and the training-loop row ------------------------------------------------------
+DEEP_VARIANTS = (Variant("backprop"), Variant("fg", "normal", 1, "auto"), Variant("fg", "normal", 1, "auto", regenerate=False),
+                 Variant("fg", "normal", 1, "auto", regenerate=True), Variant("fg", "rank1", 1, "auto"),
+                 Variant("zo", "normal", 1))
+
+
+#: The deep table's extra rows: the no-grad forward pass (the inference baseline) and the zeroth-order passes alone.
+DEEP_FORWARD, DEEP_ZO_PASSES = "forward (no grad)", "zo normal k=1: passes only"
+
+
+def zo_passes_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A zeroth-order step without its estimate: the draw (seeds only) and the 3 perturbed no-grad passes,
+    everything but building the n-float gradient the step returns."""
+    from torch.func import functional_call
+
+    est = ZerothOrder(1, seed=0)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def step() -> None:
+        draw = est.draw(params)
+        est.directional_derivatives(lambda p: cross_entropy(functional_call(model, p, (x,)), y), params, draw.tangents)
+
+    return step
