@@ -23,7 +23,6 @@ import torch
 from estimator_problems import DT, Z
 
 from fwdgrad import Backprop, ForwardActivity, ForwardGradient, estimate_module_grads
-from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, TangentDistribution, TangentDraw
 from fwdgrad.estimators.local import LocalObjective
@@ -244,8 +243,7 @@ def test_errors_name_the_fix():
         ForwardActivity(distribution="rank1")
     with pytest.raises(ConfigError, match="mean, sum, projection"):
         ForwardActivity(aggregation="median")
-    with pytest.raises(ConfigError, match="world_size=1"):
-        DataParallelEstimator(ForwardActivity())
+    # (a data-parallel wrapper refuses it: test_activity_train.test_module_estimators_refuse_data_parallel_runs)
     norm = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(9, 4), torch.nn.LayerNorm(4),
                                torch.nn.Linear(4, 3)).to(DT)
     with pytest.raises(ConfigError, match="1.weight|2.weight"):

@@ -82,7 +82,7 @@ def _exact_grads(loss_fn, params, backend):
 def _assert_matches_backprop(loss_fn, params, backend):
     est, loss, g = _exact_grads(loss_fn, params, backend)
     loss_ref, g_ref = Backprop()(loss_fn, params)
-    assert est._fast_unsupported is None  # stayed on the fast engine
+    assert est.fallback_reason is None  # stayed on the fast engine
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=0)
     for name in params:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-8, atol=1e-10)

@@ -147,7 +147,7 @@ def test_directional_derivatives_match_torch_func_and_backprop(name, k, dist, tr
     params = {n: p.detach() for n, p in model.named_parameters()}
     loss_fn = _loss_fn(model, x, y)
     fast = ForwardGradient(k, distribution=dist, seed=1, backend="fast")
-    draw = fast._draw(params, reuse=False)
+    draw = fast.draw(params)
     loss_f, d_f = fast.directional_derivatives(loss_fn, params, draw.tangents)
     loss_r, d_r = ForwardGradient(k, distribution=dist, backend="func").directional_derivatives(
         loss_fn, params, draw.tangents)

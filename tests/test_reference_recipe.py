@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from hydra.utils import instantiate
 from torch import nn

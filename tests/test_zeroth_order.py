@@ -255,15 +255,19 @@ def test_parameters_are_bit_identical_when_the_loss_raises_mid_pass():
     est(lambda p: cross_entropy(functional_call(model, p, (x,)), y), params)  # usable afterwards
 
 
-def test_in_place_perturbation_would_not_restore_float32_parameters():
+def test_float32_parameters_come_back_bit_for_bit_where_in_place_perturbation_would_not():
     # Why the parameters are perturbed at use time: MeZO's in-place theta += eps z, -= 2 eps z, += eps z changes
-    # the last bits of many float32 entries.
+    # the last bits of many float32 entries; ZerothOrder's steps (central and one-sided) leave theta as it was.
     g = torch.Generator().manual_seed(0)
     theta = torch.randn(100_000, generator=g)
     z = torch.randn(100_000, generator=g)
     w = theta.clone()
     w.add_(z, alpha=1e-3).add_(z, alpha=-2e-3).add_(z, alpha=1e-3)
     assert int((w != theta).sum()) > 1000
+    for difference in ("central", "forward"):
+        params = {"w": theta.clone()}
+        ZerothOrder(2, 1e-3, seed=0, difference=difference)(lambda p: (p["w"] * p["w"]).sum(), params)
+        assert torch.equal(params["w"], theta)
 
 
 # -- the same tangents as the forward gradient -------------------------------------------------------------------
