@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from fwdgrad import Backprop, ForwardGradient, ZerothOrder, estimate_module_grads
-from fwdgrad.parallel import DataParallelEstimator, WorkerLostError, launch_workers
+from fwdgrad.errors import WorkerLostError
+from fwdgrad.experiments.training.launch import launch_workers
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.engine import RankOne, Regenerated
 from fwdgrad.estimators import backends
 from fwdgrad.nn.functional import cross_entropy

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from fwdgrad import Backprop, ForwardGradient, estimate_module_grads
-from fwdgrad import parallel as distributed
-from fwdgrad.parallel import DataParallelEstimator, configure_logging, launch_workers, logging_spec
+from fwdgrad.experiments.training import launch
+from fwdgrad.experiments.training.launch import configure_logging, launch_workers, logging_spec
+from fwdgrad.parallel import DataParallelEstimator
 from fwdgrad.errors import WorkerLostError
 from fwdgrad.nn.functional import cross_entropy
 
@@ -103,7 +104,7 @@ def _hung_worker(rank: int, world_size: int) -> None:
 
 
 def test_a_worker_hung_outside_a_collective_is_stopped(monkeypatch):
-    monkeypatch.setattr(distributed, "_MARGIN_S", 1.0)
+    monkeypatch.setattr(launch, "_MARGIN_S", 1.0)
     t0 = time.monotonic()
     with pytest.raises(WorkerLostError, match=r"worker\(s\) 1 still ran"):
         launch_workers(_hung_worker, 2, timeout_s=2)

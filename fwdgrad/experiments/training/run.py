@@ -34,7 +34,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from fwdgrad import errors
 from fwdgrad.app.config import threads
-from fwdgrad.parallel import configure_logging, env_world_size, init_from_env, launch_workers, logging_spec
+from fwdgrad.experiments.training.launch import configure_logging, env_world_size, init_from_env, launch_workers, logging_spec
 from fwdgrad.errors import ConfigError, Interrupted, RunError, WorkerLostError
 from fwdgrad.perf.memory import RssPeak, tune_malloc
 from fwdgrad.app.rundir import claim_output_dir
