@@ -8,10 +8,9 @@ Speed under forward-mode AD
 Some formulas read ``torch.add(a, b, alpha=c)`` (= a + c b) rather than ``a + c * b``. Under forward-mode AD
 (``torch.func.jvp``, ``torch.autograd.forward_ad``) in torch 2.14 an elementwise add/sub/mul/div between a dual
 tensor and a *plain* operand (a Python number or a constant tensor) is dispatched to the Python reference
-implementation in ``torch._refs`` and costs ~0.2 ms per op on CPU, while ops between two dual tensors, ``1.0 - x``
-(rsub), ``x ** 2`` and scalar keyword arguments such as ``alpha`` stay ~0.01 ms. On these tiny problems that
-overhead dominates a forward-gradient step (Rosenbrock: ~0.5 ms -> ~0.15 ms per step). The functions are the
-textbook formulas; tests/test_global_optim.py checks values, jvps and gradients against them.
+implementation in ``torch._refs``, an order of magnitude slower per op on CPU than ops between two dual tensors,
+``1.0 - x`` (rsub), ``x ** 2`` and scalar keyword arguments such as ``alpha``. On these tiny problems that overhead
+dominates a forward-gradient step (docs/global_optim.md). The functions are the textbook formulas; tests/test_global_optim.py checks values, jvps and gradients against them.
 """
 
 from __future__ import annotations
