@@ -25,7 +25,7 @@ local losses); the first two are module-level estimators (:class:`ModuleEstimato
 """
 
 from fwdgrad.estimators import selection  # noqa: F401  (registers its aggregations)
-
+from fwdgrad.estimators.activity.forward_activity import ForwardActivity
 from fwdgrad.estimators.aggregation import (
     AGGREGATIONS,
     Aggregation,
@@ -36,7 +36,6 @@ from fwdgrad.estimators.aggregation import (
     register_aggregation,
     solve_gram,
 )
-from fwdgrad.estimators.activity.forward_activity import ForwardActivity
 from fwdgrad.estimators.backends import BACKENDS, BackendDispatch
 from fwdgrad.estimators.base import (
     Backprop,
@@ -55,12 +54,9 @@ from fwdgrad.estimators.base import (
     from_param_dict,
     total_numel,
 )
-from fwdgrad.estimators.tangents.custom import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.forward import ForwardGradient
 from fwdgrad.estimators.guess import LocalGuess
 from fwdgrad.estimators.local import estimate_local_grads
-from fwdgrad.estimators.module_grads import estimate_module_grads
-from fwdgrad.estimators.registry import Registry
 from fwdgrad.estimators.memory_policy import (
     PASS_TENSORS,
     TangentMemoryPolicy,
@@ -68,8 +64,9 @@ from fwdgrad.estimators.memory_policy import (
     predicted_peak,
     regeneration_pays,
 )
-from fwdgrad.estimators.tangents.rng import ChunkedRNG
-from fwdgrad.estimators.tangents.seeded import ChunkedTangent
+from fwdgrad.estimators.module_grads import estimate_module_grads
+from fwdgrad.estimators.registry import Registry
+from fwdgrad.estimators.tangents.custom import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.tangents.distributions import (
     TANGENT_DISTRIBUTIONS,
     ChunkedDistribution,
@@ -80,6 +77,8 @@ from fwdgrad.estimators.tangents.distributions import (
     TangentSampler,
     register_distribution,
 )
+from fwdgrad.estimators.tangents.rng import ChunkedRNG
+from fwdgrad.estimators.tangents.seeded import ChunkedTangent
 from fwdgrad.estimators.zeroth_order.finite_differences import ZerothOrder
 
 __all__ = [

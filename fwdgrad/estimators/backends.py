@@ -29,6 +29,7 @@ from fwdgrad.engine import RankOne, Tangent, Unsupported, forward_tangents, tang
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.base import Backprop, check_scalar_loss
 from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
+from fwdgrad.estimators.step_randomness import SameRandomness
 from fwdgrad.estimators.tangents.distributions import dense_tangent
 
 __all__ = ["BACKENDS", "BackendDispatch", "PassStateDict", "fast_derivatives", "func_derivatives",
@@ -42,10 +43,12 @@ DictLoss = Callable[[Dict[str, Tensor]], Tensor]
 
 def fast_derivatives(
     f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int, policy: TangentMemoryPolicy,
-    vector: bool = False,
+    vector: bool = False, replay: Optional[SameRandomness] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The fast engine over all k tangents, in groups sized by ``policy``; records the pass size in it.
-    ``vector``: ``f`` may return any shape S and ``d`` is its tangent, ``(k, *S)``.
+    ``vector``: ``f`` may return any shape S and ``d`` is its tangent, ``(k, *S)``. Every group after the first
+    repeats the primal pass with the step's random state (``replay``, captured here when not given), so that
+    dropout and other randomness inside ``f`` are the same for all k tangents.
 
     Raises :class:`~fwdgrad.errors.Unsupported` if the loss uses an op without a rule.
     """
@@ -57,7 +60,10 @@ def fast_derivatives(
         return out
     ds, i, loss = [], 0, None
     per, largest = policy.bytes_per_tangent, 0.0
+    replay = replay or SameRandomness(t.device for t in params.values())
     while i < k:
+        if i:
+            replay.restore()
         group = policy.group_size(k - i, per)
         part = tangents if group == k else {n: tangent_slice(t, i, i + group) for n, t in tangents.items()}
         stats = {}
@@ -178,10 +184,14 @@ class BackendDispatch:
 
     def __call__(
         self, f: DictLoss, params: Dict[str, Tensor], tangents: Mapping[str, Tangent], k: int,
-        policy: TangentMemoryPolicy, vector: bool = False,
+        policy: TangentMemoryPolicy, vector: bool = False, replay: Optional[SameRandomness] = None,
     ) -> Tuple[Tensor, Tensor]:
         """``(f(params), d)`` with ``d[i] = <grad f, v_i>`` (shape ``(k,)``), both detached. ``vector``: ``f``
-        may return any shape S, and ``d[i]`` is the output's tangent along ``v_i`` (``d`` is ``(k, *S)``)."""
+        may return any shape S, and ``d[i]`` is the output's tangent along ``v_i`` (``d`` is ``(k, *S)``).
+
+        Every pass ``f`` gets (tangent groups, a fallback after a partial fast pass) starts from the random
+        state the call began with (``replay``, captured here when not given): one random stream per step."""
+        replay = replay or SameRandomness(t.device for t in params.values())
         if self.backend == "simulated":
             if vector:
                 raise ConfigError("the simulated backend computes d = B^T grad f of a scalar loss; per-example "
@@ -189,9 +199,10 @@ class BackendDispatch:
             return simulated_derivatives(f, params, tangents, k)
         if self.uses_fast:
             try:
-                loss, d = fast_derivatives(f, params, tangents, k, policy, vector)
+                loss, d = fast_derivatives(f, params, tangents, k, policy, vector, replay)
             except Unsupported as e:
                 self._fall_back(e)
+                replay.restore()  # the abandoned fast pass may have drawn numbers already
             else:
                 if not vector:
                     check_scalar_loss(loss)

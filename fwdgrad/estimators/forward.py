@@ -29,10 +29,22 @@ from fwdgrad.estimators.aggregation import (
     combine_tangent,
 )
 from fwdgrad.estimators.backends import BackendDispatch, PassStateDict
-from fwdgrad.estimators.base import GradientEstimator, LossFn, Params, as_param_dict, check_seed, from_param_dict
+from fwdgrad.estimators.base import (
+    GradientEstimator,
+    LossFn,
+    Params,
+    as_param_dict,
+    check_seed,
+    from_param_dict,
+)
 from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
+from fwdgrad.estimators.tangents.distributions import (
+    TANGENT_DISTRIBUTIONS,
+    DrawContext,
+    TangentDistribution,
+    TangentDraw,
+)
 from fwdgrad.estimators.tangents.rng import ChunkedRNG, SeededGenerators
-from fwdgrad.estimators.tangents.distributions import TANGENT_DISTRIBUTIONS, DrawContext, TangentDistribution, TangentDraw
 
 __all__ = ["ForwardGradient", "resolve_distribution"]
 

@@ -29,7 +29,15 @@ from torch.func import functional_call
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.aggregation import aggregate
 from fwdgrad.estimators.backends import BackendDispatch
-from fwdgrad.estimators.base import Backprop, GradientEstimator, LossFn, OutputLoss, Params, mean_loss, write_grads
+from fwdgrad.estimators.base import (
+    Backprop,
+    GradientEstimator,
+    LossFn,
+    OutputLoss,
+    Params,
+    mean_loss,
+    write_grads,
+)
 from fwdgrad.estimators.local import LocalObjective
 from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
 from fwdgrad.nn.local_losses import LocalBlock, local_blocks

@@ -33,13 +33,21 @@ from torch import Tensor, nn
 
 from fwdgrad.engine import add_perturbation, zero_perturbation
 from fwdgrad.errors import ConfigError
+from fwdgrad.estimators.activity.sites import (
+    Site,
+    layer_grads,
+    local_sites,
+    model_sites,
+    probe,
+    trainable_layers,
+    unused_layers,
+)
 from fwdgrad.estimators.backends import BackendDispatch, PassStateDict
 from fwdgrad.estimators.base import GradientEstimator, LossFn, OutputLoss, Params, mean_loss
 from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
-from fwdgrad.estimators.tangents.rng import ChunkedRNG, SeededGenerators
-from fwdgrad.estimators.activity.sites import (Site, layer_grads, local_sites, model_sites, probe, trainable_layers,
-                                      unused_layers)
+from fwdgrad.estimators.step_randomness import SameRandomness, randomness_untouched
 from fwdgrad.estimators.tangents.distributions import TANGENT_DISTRIBUTIONS, DrawContext, dense_tangent
+from fwdgrad.estimators.tangents.rng import ChunkedRNG, SeededGenerators
 from fwdgrad.nn.local_losses import LocalBlock, group_logits, head_linear, local_blocks
 
 __all__ = ["ForwardActivity", "ACTIVITY_AGGREGATIONS", "per_example_coefficients"]
@@ -135,7 +143,8 @@ class ForwardActivity(PassStateDict, SeededGenerators, GradientEstimator):
                getattr(model, "local_groups", 1), tuple(x.shape[1:]), x.dtype, x.device)
         cached = self._sites
         if cached is None or cached[0]() is not model or cached[1] != key:
-            order, shapes = probe(model, trainable_layers(model), x)
+            with randomness_untouched([x.device]):  # the probe is not part of the step: the step's stream stays
+                order, shapes = probe(model, trainable_layers(model), x)
             sites = local_sites(model, blocks) if blocks is not None else model_sites(
                 model, self.exact_output_layer, order)
             cached = self._sites = (weakref.ref(model), key, sites, shapes)
@@ -156,8 +165,10 @@ class ForwardActivity(PassStateDict, SeededGenerators, GradientEstimator):
                 losses = f(eps)
             d = losses.new_zeros((self.num_tangents, *losses.shape))
         else:
-            losses, d = self.dispatch(f, eps, tangents, self.num_tangents, self.memory, vector=True)
+            replay = SameRandomness(t.device for t in eps.values())
+            losses, d = self.dispatch(f, eps, tangents, self.num_tangents, self.memory, vector=True, replay=replay)
             if not self.dispatch.uses_fast:  # torch.func's tensors do not outlive its transforms: record plainly
+                replay.restore()  # the same dropout masks as the pass that gave d
                 with torch.no_grad():
                     f(eps)
         return losses, d, {name: (x.detach(), z.detach()) for name, (x, z) in records.items()}

@@ -24,7 +24,12 @@ from torch import Tensor
 
 from fwdgrad.engine import Tangent
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators.tangents.distributions import DrawContext, TangentDistribution, TangentDraw, register_distribution
+from fwdgrad.estimators.tangents.distributions import (
+    DrawContext,
+    TangentDistribution,
+    TangentDraw,
+    register_distribution,
+)
 
 __all__ = ["JointDistribution", "FixedAngle", "VaryingLength", "StandardBasis"]
 

@@ -46,8 +46,10 @@ import torch
 from torch import Tensor
 
 from fwdgrad.engine import RankOne, Regenerated, Tangent
-from fwdgrad.estimators.tangents import rng as _rng  # the module: its CHUNK is read at call time (a test may patch it)
 from fwdgrad.estimators.registry import Registry
+from fwdgrad.estimators.tangents import (
+    rng as _rng,  # the module: its CHUNK is read at call time (a test may patch it)
+)
 from fwdgrad.estimators.tangents.rng import ChunkedRNG, ChunkJob
 
 __all__ = [

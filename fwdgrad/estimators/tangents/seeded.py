@@ -25,8 +25,14 @@ from torch import Tensor
 
 from fwdgrad.engine import Regenerated
 from fwdgrad.estimators.base import total_numel
+from fwdgrad.estimators.tangents.distributions import (
+    Block,
+    ChunkedDistribution,
+    TangentDraw,
+    dense_tangent,
+    plan_blocks,
+)
 from fwdgrad.estimators.tangents.rng import ChunkedRNG
-from fwdgrad.estimators.tangents.distributions import Block, ChunkedDistribution, TangentDraw, dense_tangent, plan_blocks
 
 __all__ = ["ChunkedTangent", "ChunkReader", "draw_chunked", "entries_per_random", "chunk_reads_exact"]
 

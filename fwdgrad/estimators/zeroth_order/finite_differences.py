@@ -43,10 +43,21 @@ from fwdgrad.estimators.base import (
     from_param_dict,
     run_stages,
 )
-from fwdgrad.estimators.zeroth_order.perturbed_loss import Perturbation, PerturbedPass, SameRandomness
+from fwdgrad.estimators.step_randomness import SameRandomness
+from fwdgrad.estimators.tangents.distributions import (
+    TANGENT_DISTRIBUTIONS,
+    ChunkedDistribution,
+    DrawContext,
+    TangentDraw,
+)
 from fwdgrad.estimators.tangents.rng import ChunkedRNG, SeededGenerators
-from fwdgrad.estimators.tangents.seeded import ChunkedTangent, chunk_reads_exact, draw_chunked, entries_per_random
-from fwdgrad.estimators.tangents.distributions import TANGENT_DISTRIBUTIONS, ChunkedDistribution, DrawContext, TangentDraw
+from fwdgrad.estimators.tangents.seeded import (
+    ChunkedTangent,
+    chunk_reads_exact,
+    draw_chunked,
+    entries_per_random,
+)
+from fwdgrad.estimators.zeroth_order.perturbed_loss import Perturbation, PerturbedPass
 
 __all__ = ["ZerothOrder", "DIFFERENCES", "CHUNK_ENTRIES"]
 

@@ -24,7 +24,7 @@ the parameter's precision. No forward-mode rule is involved: any op PyTorch can 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from fwdgrad.engine import RankOne, Regenerated, Tangent
 from fwdgrad.estimators.tangents.seeded import ChunkedTangent, ChunkReader
 
-__all__ = ["Perturbation", "PerturbedPass", "SameRandomness", "METADATA_OPS", "ROW_BLOCK_ENTRIES"]
+__all__ = ["Perturbation", "PerturbedPass", "METADATA_OPS", "ROW_BLOCK_ENTRIES"]
 
 #: Entries of W's row block in F.linear when the tangent is not chunked (dense tensors, rank-one factors).
 ROW_BLOCK_ENTRIES = 1 << 16
@@ -181,17 +181,3 @@ class PerturbedPass(TorchFunctionMode):
             return None
         pb = self._lookup(bias)
         return pw.linear(x, pb.materialise() if pb is not None else bias)
-
-
-class SameRandomness:
-    """Every pass of a step draws the same numbers from torch's global generators (dropout masks, noise), so all
-    the passes evaluate one and the same function. Captured once; :meth:`restore` before each pass."""
-
-    def __init__(self, devices: Iterable[torch.device]) -> None:
-        self._cpu = torch.get_rng_state()
-        self._cuda = {d: torch.cuda.get_rng_state(d) for d in set(devices) if d.type == "cuda"}
-
-    def restore(self) -> None:
-        torch.set_rng_state(self._cpu)
-        for device, state in self._cuda.items():
-            torch.cuda.set_rng_state(state, device)
