@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode, handle_torch_function
 from fwdgrad.engine.rule_table import lookup
 from fwdgrad.engine.state import PassState
 from fwdgrad.engine.tangent_types import Tangent, dense, full
-from fwdgrad.errors import Unsupported
+from fwdgrad.errors import FwdgradError, Unsupported
 
 __all__ = ["TangentMode", "autograd_function_apply", "forward_tangents", "func_name", "function_apply_hook",
            "is_in_place"]
@@ -91,7 +91,12 @@ class TangentMode(TorchFunctionMode):
             raise Unsupported(_inside_function_message())
         rule = lookup(func)
         if rule is not None:
-            return rule(state, *args, **kwargs)
+            try:
+                return rule(state, *args, **kwargs)
+            except FwdgradError:
+                raise
+            except (TypeError, ValueError, IndexError, RuntimeError, ArithmeticError) as err:
+                raise _rule_failed(func, args, kwargs, err) from err
         return _without_rule(func, args, kwargs)
 
 
@@ -106,6 +111,20 @@ def is_in_place(func: Callable, kwargs: Mapping[str, Any]) -> bool:
     short = func_name(func).rsplit(".", 1)[-1]
     return (short.endswith("_") and not short.endswith("__")) or short in _IN_PLACE_DUNDERS or bool(
         kwargs.get("inplace", False)) or "out" in kwargs
+
+
+def _rule_failed(func: Callable, args: Sequence[Any], kwargs: Mapping[str, Any], err: Exception) -> Exception:
+    """The error to raise when a rule failed on a call: the op's own error if the op itself fails on these
+    arguments (a mistake in the loss, reported as torch reports it), else :class:`Unsupported`: the rule does
+    not take this call form (a keyword it names otherwise, a 0-dim input, an empty tensor...), so ``auto`` falls
+    back to ``torch.func`` visibly instead of the call ending in a raw error from inside the engine."""
+    name = func_name(func)
+    if not is_in_place(func, kwargs):  # an in-place op is not run a second time
+        try:
+            func(*args, **kwargs)
+        except Exception as own:  # the op itself refuses these arguments
+            return own
+    return Unsupported(f"the rule for {name} does not take this call ({type(err).__name__}: {err})")
 
 
 def _without_rule(func: Callable, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
@@ -163,6 +182,7 @@ def forward_tangents(
         a = p.detach()  # a fresh tensor object: the tangent attribute never touches the caller's tensor
         setattr(a, state.attr, tangents[name])
         aliases[name] = a
+    state.params = frozenset(id(a) for a in aliases.values())
     # forward-mode AD on for the pass (also under inference_mode): only a custom Function's forward turns it
     # off, which is how the mode recognises ops inside one (module docstring).
     with function_apply_hook(), torch.no_grad(), _set_fwd_grad_enabled(True), TangentMode(state):

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from torch import Tensor
 
 from fwdgrad.engine.tangent_types import Tangent
+from fwdgrad.errors import Unsupported
 
 __all__ = ["PassState"]
 
@@ -29,11 +30,13 @@ class PassState:
             tangent of the pass divided by k.
     """
 
-    __slots__ = ("attr", "stats")
+    __slots__ = ("attr", "stats", "params")
 
     def __init__(self, stats: Optional[Dict[str, float]] = None) -> None:
         self.attr = "_fwdgrad_tangents_" + os.urandom(8).hex()
         self.stats = stats
+        #: ids of the pass's parameter aliases (they share the caller's storage: never written in place)
+        self.params: frozenset = frozenset()
         if stats is not None:
             stats["max_bytes_per_tangent"] = 0.0
 
@@ -52,18 +55,25 @@ class PassState:
                     stats["max_bytes_per_tangent"] = per
         return out
 
+    def check_in_place(self, x: Tensor, name: str) -> None:
+        """Refuse (:class:`~fwdgrad.errors.Unsupported`, before anything is written) an in-place op on ``x`` that
+        the pass cannot follow exactly: on a view (its base's tangent would not be updated) or on a parameter
+        (the caller's tensor would be changed)."""
+        if x._is_view() or id(x) in self.params:
+            what = "a view" if x._is_view() else "a parameter"
+            raise Unsupported(f"in-place {name} on {what} of a tangent-carrying tensor")
+
     def carries(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-        """Whether any tensor argument (or tensor in a list/tuple argument) has tangents in this pass."""
+        """Whether any tensor argument (or tensor in a list/tuple argument), positional or keyword, has tangents
+        in this pass (``torch.cat(tensors=[w, 2 * w])`` passes its tensors in a list by keyword)."""
         attr = self.attr
-        for a in args:
-            if isinstance(a, Tensor):
-                if hasattr(a, attr):
-                    return True
-            elif isinstance(a, (list, tuple)):
-                for b in a:
-                    if isinstance(b, Tensor) and hasattr(b, attr):
+        for group in (args, kwargs.values()):
+            for a in group:
+                if isinstance(a, Tensor):
+                    if hasattr(a, attr):
                         return True
-        for a in kwargs.values():
-            if isinstance(a, Tensor) and hasattr(a, attr):
-                return True
+                elif isinstance(a, (list, tuple)):
+                    for b in a:
+                        if isinstance(b, Tensor) and hasattr(b, attr):
+                            return True
         return False

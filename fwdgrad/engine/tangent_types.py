@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from fwdgrad.errors import Unsupported
+
 __all__ = [
     "RankOne", "Regenerated", "Tangent", "aligned", "batch_major_rows", "dense", "full", "insert_after_k",
     "k_of", "tangent_slice", "tdim", "tdims", "zero_like_tangent",
@@ -120,12 +122,16 @@ def tdim(dim: int) -> int:
 
 
 def tdims(dim: Any, ndim: int) -> Tuple[int, ...]:
-    """Primal reduction dims (``None``: all ``ndim`` of them) -> tangent dims."""
+    """Primal reduction dims (``None``: all ``ndim`` of them) -> tangent dims, negative ones counted on the
+    primal's ``ndim`` dims. A 0-dim primal has no dim to reduce: its rule handles it first (an empty tuple would
+    make torch reduce every dim, the tangents' k dim too)."""
+    if ndim == 0:
+        raise Unsupported("a reduction rule reached a 0-dim tensor")
     if dim is None:
         return tuple(range(1, ndim + 1))
     if isinstance(dim, (tuple, list)):
-        return tuple(tdim(int(d)) for d in dim)
-    return (tdim(int(dim)),)
+        return tuple(tdim(int(d) % ndim) for d in dim)
+    return (tdim(int(dim) % ndim),)
 
 
 def batch_major_rows(t: Tensor, n: int) -> Optional[Tensor]:

@@ -93,7 +93,17 @@ def func_derivatives(
     dense = {name: dense_tangent(t) for name, t in tangents.items()}
     params = {name: t.clone() for name, t in params.items()}
     versions = [t._version for t in params.values()]
-    loss, d = _func_jvp(f, params, dense, k, vector)
+    try:
+        loss, d = _func_jvp(f, params, dense, k, vector)
+    except NotImplementedError as err:  # an op torch's own forward-mode AD has no formula for
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"the loss uses an op that forward-mode AD cannot differentiate: neither fwdgrad's engine nor "
+            f"torch.func has a rule for it (torch says: {first}). This happens with fused kernels such as "
+            "nn.LSTM's and nn.MultiheadAttention's CPU attention. Use an estimator that needs no forward-mode "
+            "derivative (gradient=backprop, or gradient=zeroth_order: finite differences), or build the model "
+            "from ops with rules (fwdgrad.engine.supported_functions())."
+        ) from None
     if any(t._version != v for t, v in zip(params.values(), versions)):
         raise ConfigError(
             "loss_fn modifies the parameters it was given in place (e.g. p.mul_(2) or p[0] = 0): forward-mode "

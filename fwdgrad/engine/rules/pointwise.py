@@ -9,7 +9,6 @@ smaller. Tangents are never modified in place, so a rule may hand its input tang
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -29,6 +28,8 @@ T = torch.Tensor
 @register(F.relu, torch.relu, T.relu)
 def _relu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
     tx = dense(s.tangent(x))
+    if inplace:
+        s.check_in_place(x, "relu")
     out = torch.relu_(x) if inplace else torch.relu(x)
     # y_dot = x_dot where x > 0, else 0 (out > 0 iff x > 0): one fused pass, no mask tensor; the primal
     # broadcasts over the k tangents as a stride-0 view, and a batch-major tangent stays batch-major.
@@ -69,10 +70,15 @@ def _sigmoid(s: PassState, x: Tensor) -> Tensor:
 def _silu(s: PassState, x: Tensor, inplace: bool = False) -> Tensor:
     tx = dense(s.tangent(x))
     if nested():
+        if inplace:
+            raise Unsupported("in-place silu inside a nested pass")
         sig = torch.sigmoid(x)
         return s.attach(x * sig, tx * (sig * (1 + x * (1 - sig))))  # d/dx x s(x) = s + x s (1 - s)
-    out = F.silu(x)  # never in place: the tangent needs x
-    return s.attach(out, torch.ops.aten.silu_backward(tx, x.expand_as(tx)))
+    t = torch.ops.aten.silu_backward(tx, x.expand_as(tx))  # needs x before an in-place write
+    if inplace:
+        s.check_in_place(x, "silu")
+        return s.attach(F.silu(x, inplace=True), t)
+    return s.attach(F.silu(x), t)
 
 
 @register(F.gelu)
@@ -130,22 +136,33 @@ def _square(s: PassState, x: Tensor) -> Tensor:
     return s.attach(torch.square(x), dense(s.tangent(x)) * (2 * x))
 
 
+def _power(s: PassState, x: Any, e: Any, out: Tensor) -> Tensor:
+    """The tangent of ``out = x ** e``: ``d = e x^(e-1) x_dot + x^e ln(x) e_dot``, with torch's own conventions
+    where a factor is 0 * inf (``pow_backward`` in derivatives.yaml): the first term is 0 where ``e == 0`` (also
+    at ``x = 0``), the second where ``x == 0`` and ``e >= 0``; so the tangent is finite wherever backprop's is."""
+    tx, te = aligned(s.tangent(x), out), aligned(s.tangent(e), out)
+    t = None
+    if tx is not None:
+        if isinstance(e, (int, float)) and e == 2:
+            t = tx * (2 * x)
+        else:
+            et = torch.as_tensor(e, dtype=out.dtype, device=out.device)
+            t = tx * (et * torch.pow(x, et - 1)).masked_fill(et == 0, 0)
+    if te is not None:
+        xt = torch.as_tensor(x, dtype=out.dtype, device=out.device)
+        t2 = te * (out * torch.log(xt)).masked_fill((xt == 0) & (torch.as_tensor(e) >= 0), 0)
+        t = t2 if t is None else t + t2
+    return s.attach(out, full(t, out.shape))
+
+
 @register(torch.pow, T.pow, T.__pow__)
 def _pow(s: PassState, x: Any, e: Any) -> Tensor:
-    out = torch.pow(x, e)
-    tx, te = dense(s.tangent(x)), dense(s.tangent(e))
-    if te is not None:
-        raise Unsupported("pow with a tangent-carrying exponent")
-    # d x^e = e x^(e-1) x_dot (e a constant)
-    if isinstance(e, (int, float)) and e == 2:
-        return s.attach(out, tx * (2 * x))
-    return s.attach(out, full(tx * (e * torch.pow(x, e - 1)), out.shape))
+    return _power(s, x, e, torch.pow(x, e))
 
 
 @register(T.__rpow__)
-def _rpow(s: PassState, e: Tensor, base: Any) -> Tensor:  # base ** e, base a number
-    out = torch.pow(base, e)
-    return s.attach(out, dense(s.tangent(e)) * (out * math.log(base)))
+def _rpow(s: PassState, e: Tensor, base: Any) -> Tensor:  # base ** e
+    return _power(s, base, e, torch.pow(base, e))
 
 
 # -- arithmetic with broadcasting -------------------------------------------------------------------------
@@ -209,6 +226,5 @@ def _div(s: PassState, a: Any, b: Any, *, rounding_mode: Optional[str] = None) -
 
 
 @register(T.__rtruediv__)
-def _rdiv(s: PassState, b: Tensor, a: Any) -> Tensor:  # a / b with a a number
-    out = torch.div(a, b)
-    return s.attach(out, -dense(s.tangent(b)) * (out / b))
+def _rdiv(s: PassState, b: Tensor, a: Any) -> Tensor:  # a / b (a a number, or a tensor that may carry tangents)
+    return _div(s, a, b)

@@ -81,8 +81,10 @@ def _amax(s: PassState, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tens
     out = torch.amax(x, dim=dim, keepdim=keepdim)
     if not isinstance(dim, int) and len(tuple(dim)) != 1:
         raise Unsupported("amax over several dims of a tangent-carrying tensor")
+    tx = dense(s.tangent(x))
+    if x.dim() == 0:  # a 0-dim tensor is its own maximum (and dim -1 would be the tangents' k dim below)
+        return s.attach(out, tx)
     d = dim if isinstance(dim, int) else tuple(dim)[0]
     idx = torch.argmax(x, dim=d, keepdim=True)
-    tx = dense(s.tangent(x))
     t = tx.gather(tdim(d), idx.unsqueeze(0).expand(tx.shape[0], *idx.shape))
     return s.attach(out, t if keepdim else t.squeeze(tdim(d)))

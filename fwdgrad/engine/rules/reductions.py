@@ -48,6 +48,8 @@ def _mean(s: PassState, x: Tensor, dim: Any = None, keepdim: bool = False, *, dt
 @register(torch.logsumexp, T.logsumexp)
 def _logsumexp(s: PassState, x: Tensor, dim: Any, keepdim: bool = False) -> Tensor:
     out = torch.logsumexp(x, dim=dim, keepdim=keepdim)
+    if x.dim() == 0:  # logsumexp of one number is that number
+        return s.attach(out, dense(s.tangent(x)))
     p = torch.exp(x - torch.logsumexp(x, dim=dim, keepdim=True))
     return s.attach(out, (dense(s.tangent(x)) * p).sum(dim=tdims(dim, x.dim()), keepdim=keepdim))
 
@@ -60,8 +62,10 @@ def _log_softmax(
         raise Unsupported("log_softmax without an explicit dim, or with dtype")
     out = torch.log_softmax(x, dim)
     tx = dense(s.tangent(x))
+    if x.dim() == 0:  # log_softmax of one number is 0 (and dim -1 would be the tangents' k dim below)
+        return s.attach(out, torch.zeros_like(tx))
     p = torch.exp(out)
-    return s.attach(out, tx - (tx * p).sum(dim=tdim(dim), keepdim=True))
+    return s.attach(out, tx - (tx * p).sum(dim=tdim(dim % x.dim()), keepdim=True))
 
 
 @register(F.softmax, torch.softmax, T.softmax)
@@ -70,7 +74,9 @@ def _softmax(s: PassState, x: Tensor, dim: Optional[int] = None, _stacklevel: in
         raise Unsupported("softmax without an explicit dim, or with dtype")
     out = torch.softmax(x, dim)
     tx = dense(s.tangent(x))
-    return s.attach(out, out * (tx - (tx * out).sum(dim=tdim(dim), keepdim=True)))
+    if x.dim() == 0:  # softmax of one number is 1
+        return s.attach(out, torch.zeros_like(tx))
+    return s.attach(out, out * (tx - (tx * out).sum(dim=tdim(dim % x.dim()), keepdim=True)))
 
 
 @register(F.cross_entropy)

@@ -119,7 +119,8 @@ def _gather(s: PassState, x: Tensor, dim: int, index: Tensor, *, sparse_grad: bo
     out = torch.gather(x, dim, index)
     tx = dense(s.tangent(x))
     k = tx.shape[0]
-    return s.attach(out, tx.gather(tdim(dim), index.unsqueeze(0).expand(k, *index.shape)))
+    # a negative dim counted on the primal's dims (on a 0-dim tensor, -1 would name the tangents' k dim)
+    return s.attach(out, tx.gather(tdim(dim % max(x.dim(), 1)), index.unsqueeze(0).expand(k, *index.shape)))
 
 
 @register_each(torch.cat, torch.concat, torch.stack)
@@ -134,6 +135,8 @@ def _cat(func: Callable, s: PassState, tensors: Sequence[Tensor], dim: int = 0) 
 @register(F.dropout)
 def _dropout(s: PassState, x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     tx = dense(s.tangent(x))
+    if inplace:
+        s.check_in_place(x, "dropout")
     if not training or p == 0.0:
         return s.attach(x.clone() if not inplace else x, tx)
     # one mask for the primal and all k tangents, as the derivative is taken at one point
