@@ -525,6 +525,11 @@ def test_config_selects_the_difference_and_its_pass_count(difference, passes):
     loss_fn, params = model_problem("mlp", torch.float32)
     calls = []
     est(lambda p: calls.append(1) or loss_fn(p), params)
+    # before its first step the estimator checks once what finite differences cannot see: a recording pass with
+    # gradients on, and a second one where a detach (here the cross-entropy's max shift) must be weighed
+    assert len(calls) == passes + 2
+    calls.clear()
+    est(lambda p: calls.append(1) or loss_fn(p), params)
     assert len(calls) == passes
 
 # -- every script selects it: gradient=zeroth_order ------------------------------------------------------------------

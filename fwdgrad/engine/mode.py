@@ -76,6 +76,10 @@ _METADATA = frozenset(
 class TangentMode(TorchFunctionMode):
     """Route every torch call on tensors carrying tangents of one pass to its rule (module docstring)."""
 
+    #: Custom ``autograd.Function`` calls reach this mode as :func:`autograd_function_apply` while
+    #: :func:`function_apply_hook` is entered (any mode with this attribute True does).
+    sees_autograd_functions = True
+
     def __init__(self, state: PassState) -> None:
         super().__init__()
         self.state = state
@@ -206,13 +210,14 @@ _TORCH_APPLY = torch.autograd.Function.__dict__["apply"]
 def autograd_function_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     """``torch.autograd.Function.apply`` while a pass runs (module docstring).
 
-    Without a :class:`TangentMode` on this thread's mode stack it is torch's ``apply``, unchanged, for the
-    cost of one more C call (the stack's length). With one, it dispatches through ``__torch_function__`` with
-    itself as the function, so the pass routes the call to the rule registered for it; other modes above the
-    pass see it too, and reach the pass by calling it again.
+    Without a mode that ``sees_autograd_functions`` (a :class:`TangentMode`, or zeroth order's recording pass) on
+    this thread's mode stack it is torch's ``apply``, unchanged, for the cost of one more C call (the stack's
+    length). With one, it dispatches through ``__torch_function__`` with itself as the function, so the pass
+    routes the call to the rule registered for it; other modes above the pass see it too, and reach the pass by
+    calling it again.
     """
     n = torch._C._len_torch_function_stack()
-    if n and any(isinstance(torch._C._get_function_stack_at(i), TangentMode) for i in range(n)):
+    if n and any(getattr(torch._C._get_function_stack_at(i), "sees_autograd_functions", False) for i in range(n)):
         relevant = tuple(a for a in args if isinstance(a, Tensor)) + tuple(
             a for a in kwargs.values() if isinstance(a, Tensor))
         return handle_torch_function(autograd_function_apply, relevant, cls, *args, **kwargs)

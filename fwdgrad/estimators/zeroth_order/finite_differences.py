@@ -43,7 +43,7 @@ from fwdgrad.estimators.base import (
     from_param_dict,
     run_stages,
 )
-from fwdgrad.estimators.step_randomness import SameRandomness
+from fwdgrad.estimators.step_randomness import SameRandomness, randomness_untouched
 from fwdgrad.estimators.tangents.distributions import (
     TANGENT_DISTRIBUTIONS,
     ChunkedDistribution,
@@ -58,8 +58,9 @@ from fwdgrad.estimators.tangents.seeded import (
     entries_per_random,
 )
 from fwdgrad.estimators.zeroth_order.perturbed_loss import Perturbation, PerturbedPass
+from fwdgrad.estimators.zeroth_order.unseen_derivatives import unseen_derivatives
 
-__all__ = ["ZerothOrder", "DIFFERENCES", "CHUNK_ENTRIES"]
+__all__ = ["ZerothOrder", "DIFFERENCES", "CHUNK_ENTRIES", "check_epsilon"]
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,22 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
         chunk_entries: tangent entries per seeded chunk (what a layer regenerates at a time). With
             ``fwdgrad.estimators.tangents.rng.CHUNK`` (times the entries per random number, 32 for float32
             rademacher) the tangents equal a ForwardGradient's with the same seed.
+        check_derivatives: before the first step, look for derivatives the loss defines otherwise than its
+            values do (custom autograd Functions, detached or no-grad values of the parameters:
+            :mod:`~fwdgrad.estimators.zeroth_order.unseen_derivatives`), which finite differences cannot see,
+            and refuse them by name (default). False estimates the values' derivative anyway, with a warning.
+
+    Before the first step it also checks the parameters' dtype (float16 and bfloat16 round ``theta + eps v``,
+    and bfloat16 back to ``theta``: refused) and that ``eps`` suits it (above the dtype's resolution, far
+    below its overflow).
     """
 
     def __init__(self, num_tangents: int = 1, epsilon: float = 1e-3, distribution: str = "normal",
                  aggregation: str = "mean", seed: int = 0, difference: str = "central", exact_loss: bool = True,
-                 chunk_entries: int = CHUNK_ENTRIES) -> None:
+                 chunk_entries: int = CHUNK_ENTRIES, check_derivatives: bool = True) -> None:
         _check_settings(num_tangents, epsilon, difference, chunk_entries)
+        self.check_derivatives = bool(check_derivatives)
+        self._preconditions_checked = False
         self.num_tangents, self.epsilon, self.difference = num_tangents, float(epsilon), difference
         self.exact_loss, self.chunk_entries, self.seed = bool(exact_loss), chunk_entries, int(seed)
         self.aggregation, self.rule = aggregation, AGGREGATIONS.lookup(aggregation)
@@ -131,6 +142,8 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
             out["exact_loss"] = False
         if self.chunk_entries != CHUNK_ENTRIES:  # memory/speed only, never the estimates' law
             out["chunk_entries"] = self.chunk_entries
+        if not self.check_derivatives:
+            out["check_derivatives"] = False
         return out
 
     @property
@@ -164,6 +177,8 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
             return loss_fn(from_param_dict(p, single))
 
         central, eps = self.difference == "central", self.epsilon
+        if not self._preconditions_checked:
+            self._check_preconditions(f, params)
         with torch.no_grad():
             replay = SameRandomness(t.device for t in params.values())
             f0 = self._evaluate(f, params, replay) if (self.exact_loss or not central) else None
@@ -189,6 +204,26 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
                 for name, t in draw.tangents.items()}
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def _check_preconditions(self, f: DictLoss, params: Dict[str, Tensor]) -> None:
+        """Once, before the first step: the dtype and eps, then what finite differences cannot see."""
+        for dtype in sorted({t.dtype for t in params.values()}, key=str):
+            check_epsilon(self.epsilon, dtype)
+        devices = [t.device for t in params.values()]
+        with randomness_untouched(devices):  # not part of the step
+            found = unseen_derivatives(f, params, SameRandomness(devices).restore)
+        if found and not self.check_derivatives:
+            log.warning("zeroth order estimates the derivative of the loss's values, not the one it defines: %s "
+                        "(check_derivatives=false)", "; ".join(found))
+        elif found:
+            raise ConfigError(
+                "zeroth order estimates the derivative of the loss's values, but this loss defines its "
+                f"derivative otherwise: {'; '.join(found)}. Backprop follows the defined derivative, so the "
+                "two would disagree without a word (gradient reversal: the opposite sign; straight-through: "
+                "0 instead of the identity; p * p.detach(): 2p instead of p). Use gradient=backprop or "
+                "gradient=forward (which uses a Function's jvp), or pass check_derivatives=false to estimate "
+                "the values' derivative on purpose.")
+        self._preconditions_checked = True
+
     def _chunk_reads_ok(self, params: Mapping[str, Tensor]) -> bool:
         dist = self.tangent_distribution
         if not (isinstance(dist, ChunkedDistribution) and dist.dense_blocks and dist.supports(params)):
@@ -231,6 +266,28 @@ class ZerothOrder(SeededGenerators, GradientEstimator):
         if unseen:
             check_unseen(f, params, unseen, replay, loss)
             self._checked |= set(unseen)
+
+
+def check_epsilon(epsilon: float, dtype: torch.dtype) -> None:
+    """Refuse a dtype or an ``epsilon`` with which ``theta + eps v`` cannot be evaluated meaningfully.
+
+    float16 and bfloat16 carry 11 and 8 significant bits: ``theta + eps v`` is rounded (bfloat16 at eps = 1e-3
+    rounds it back to theta, an estimate of exactly 0). Below the dtype's resolution (``finfo.eps``) the same
+    happens for |theta| >= 1; above the square root of its largest number the perturbed parameters, and any
+    product of two of them in the loss, overflow (``epsilon=1e30`` in float32: every estimate NaN).
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ConfigError(
+            f"zeroth order needs float32 or float64 parameters: in {str(dtype).replace('torch.', '')} theta + eps v "
+            "is rounded (in bfloat16 back to theta at eps = 1e-3), so the finite differences measure rounding, "
+            "not the loss. Convert the model first (model.float()), or use gradient=forward.")
+    info = torch.finfo(dtype)
+    low, high = info.eps, math.sqrt(info.max) / 10
+    if not low <= epsilon <= high:
+        raise ConfigError(
+            f"epsilon={epsilon!r} does not suit {str(dtype).replace('torch.', '')} parameters: it must lie between "
+            f"{low:.1e} (below, theta + eps v rounds to theta) and {high:.1e} (above, the perturbed parameters "
+            "and the loss overflow to inf/NaN). A step of about 1e-3 is usual (docs/zeroth_order.md).")
 
 
 def check_unseen(f: DictLoss, params: Dict[str, Tensor], names: List[str], replay: SameRandomness,
