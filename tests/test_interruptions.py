@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from fwdgrad.experiments.compare.runs import find_run_dirs, load_run, main as compare_main
-from fwdgrad.errors import ConfigError
+from fwdgrad.app.cli import RunDirGuard
+from fwdgrad.errors import ConfigError, RunDirError
 from fwdgrad.experiments.training import loop, train
 from fwdgrad.experiments.training.resume import load_resume
 from fwdgrad.experiments.training.signals import StopSignals
@@ -276,3 +278,34 @@ def test_resume_refuses_what_it_cannot_continue_exactly(straight_and_stopped: Pa
             torch.save(edited, run_dir / "model.pt")
         with pytest.raises(ConfigError, match=message):
             load_resume(run_dir)
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
+def test_a_damaged_checkpoint_is_refused_by_its_checksum(straight_and_stopped: Path, tmp_path: Path, where: float):
+    # one flipped bit anywhere in model.pt (header, weights, the config) is caught before anything is loaded
+    stopped = straight_and_stopped / "stopped"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(stopped, damaged)
+    data = bytearray((damaged / "model.pt").read_bytes())
+    data[int(where * len(data))] ^= 0x10
+    (damaged / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="does not match the checksum"):
+        load_resume(damaged)
+    load_resume(stopped)  # the intact one still resumes
+
+
+@pytest.mark.parametrize("target", ["same", "inside"])
+def test_resuming_into_the_run_being_resumed_is_refused_and_deletes_nothing(straight_and_stopped: Path,
+                                                                             tmp_path: Path, target: str, capsys):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(straight_and_stopped / "stopped", stopped)
+    before = {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()}
+    out = stopped if target == "same" else stopped / "again"
+    cfg = compose_cfg("mnist_fwdgrad", [*RESUMABLE, f"resume={stopped}", "overwrite=true"])
+    with pytest.raises(RunDirError, match="run being resumed"):
+        train(cfg, out)
+    with pytest.raises(SystemExit) as exit_:  # the Hydra callback, before Hydra writes
+        RunDirGuard().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(out)}}, "resume": str(stopped),
+                                                     "overwrite": True}))
+    assert exit_.value.code == 2 and "run being resumed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in stopped.iterdir() if p.is_file()} == before

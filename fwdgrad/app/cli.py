@@ -174,7 +174,9 @@ class RunDirGuard(Callback):
     @staticmethod
     def _claim(run_dir: str, config: DictConfig) -> None:
         try:
-            claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)))
+            resume = config.get("resume")
+            claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)),
+                          keep=Path(str(resume)) if resume else None)
         except UserError as err:
             sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
             raise EntryExit(err.exit_code) from None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from fwdgrad.errors import RunDirError
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: Every file or folder a fwdgrad script writes into its run directory, besides Hydra's: training runs
 #: (:mod:`fwdgrad.experiments.training.run_files`), ``global_optim.py`` and ``approx_quality.py``.
 RUN_ENTRIES = frozenset({
-    "metrics.json", "history.csv", "model.pt", "plots.png", "tb", "run.json",  # training
+    "metrics.json", "history.csv", "model.pt", "model.pt.sha256", "plots.png", "tb", "run.json",  # training
     "summary.json", "loss.png", "trajectories.png",  # global_optim.py
     "approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png",  # approx_quality.py
 })
@@ -64,9 +64,24 @@ def earlier_run_entries(run_dir: Path, hydra_files_are_ours: bool = False) -> Li
     return names
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool = False, hydra_files_are_ours: bool = False) -> None:
-    """Make sure ``run_dir`` holds no earlier run's files (module docstring); raises :class:`RunDirError`."""
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False, hydra_files_are_ours: bool = False,
+                  keep: Optional[Path] = None) -> None:
+    """Make sure ``run_dir`` holds no earlier run's files (module docstring); raises :class:`RunDirError`.
+
+    ``keep``: a directory this run reads (``resume=``): a run directory that is it, or holds it, or lies inside
+    it, is refused whatever ``overwrite`` says, before anything is deleted (overwriting would delete the run
+    being resumed before it is read)."""
     run_dir = Path(run_dir)
+    if keep is not None and _overlap(run_dir, Path(keep)):
+        raise RunDirError(
+            f"the run directory {run_dir} is the run being resumed ({keep}) or overlaps it: writing the resumed "
+            "run there would replace the checkpoint it continues from (and overwrite=true would delete it before "
+            "it is read). Leave hydra.run.dir out (the resumed run gets a new directory) or choose another one.")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"the run directory {run_dir} is a file; choose a directory (hydra.run.dir=...).")
     names = earlier_run_entries(run_dir, hydra_files_are_ours)
@@ -93,7 +108,7 @@ def claim_run_dir(run_dir: Path, overwrite: bool = False, hydra_files_are_ours: 
     log.info("overwrite=true: deleted the earlier run's %s from %s", shown, run_dir)
 
 
-def claim_output_dir(output_dir: Path, overwrite: bool = False) -> None:
+def claim_output_dir(output_dir: Path, overwrite: bool = False, keep: Optional[Path] = None) -> None:
     """:func:`claim_run_dir` for an entry point's ``output_dir``: when it is the current Hydra job's run directory,
     the ``.hydra/`` folder and log there are the job's own (Hydra wrote them, after :class:`fwdgrad.app.cli.RunDirGuard`
     claimed the directory)."""
@@ -101,4 +116,4 @@ def claim_output_dir(output_dir: Path, overwrite: bool = False) -> None:
 
     output_dir = Path(output_dir)
     ours = HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir).resolve() == output_dir.resolve()
-    claim_run_dir(output_dir, overwrite=overwrite, hydra_files_are_ours=ours)
+    claim_run_dir(output_dir, overwrite=overwrite, hydra_files_are_ours=ours, keep=keep)

@@ -19,7 +19,7 @@ not reported). Functions defined by torch itself (checkpointing and the like) ar
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor

@@ -6,6 +6,7 @@ Figures are not drawn here (see :func:`fwdgrad.experiments.plots.plot_run`): the
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fwdgrad.experiments.training.run_files import (
+    checksum_path,
     CHECKPOINT_FILE,
     HISTORY_COLUMNS,
     HISTORY_FILE,
@@ -29,6 +31,15 @@ from fwdgrad.experiments.training.run_files import (
 )
 
 __all__ = ["Recorder", "atomic_write"]
+
+
+def write_checkpoint(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, then its SHA-256 beside it (``<path>.sha256``), which
+    :func:`fwdgrad.experiments.training.resume.read_checkpoint` verifies before a checkpoint is used."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    atomic_write(checksum_path(path), lambda f: f.write(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"))
 
 
 def atomic_write(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
@@ -104,8 +115,7 @@ class Recorder:
         ``extras`` under ``"resume"`` (what :mod:`fwdgrad.experiments.training.resume` needs to continue from here)."""
         if not self.enabled:
             return
-        path = self.output_dir / CHECKPOINT_FILE
-        tmp = path.with_name(path.name + ".tmp")
+        buf = io.BytesIO()
         torch.save(
             {
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -115,9 +125,9 @@ class Recorder:
                 "epoch": epoch,
                 "resume": dict(extras) if extras is not None else None,
             },
-            tmp,
+            buf,
         )
-        os.replace(tmp, path)
+        write_checkpoint(self.output_dir / CHECKPOINT_FILE, buf.getvalue())
 
     def write_status(self, status: str, detail: str = "", **info: Any) -> None:
         """``run.json``: ``status`` (``running``, a stop reason, or ``failed``) and ``detail``, with the process

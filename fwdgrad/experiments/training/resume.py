@@ -21,6 +21,8 @@ run whose estimator cannot save its random state, or one that already ran all it
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,31 @@ def checkpoint_extras(parts: Any, data_order: torch.Generator, best_test_accurac
     }
 
 
+def read_checkpoint(path: Path, what: str) -> Any:
+    """Load the checkpoint ``path`` after verifying it against the SHA-256 written beside it
+    (:func:`fwdgrad.experiments.training.recorder.write_checkpoint`): a damaged file (flipped bits, a partial copy)
+    is refused by a :class:`ConfigError` naming it, never loaded. A checkpoint with no checksum beside it (copied
+    alone) is loaded with a warning."""
+    from fwdgrad.experiments.training.run_files import checksum_path
+
+    data = path.read_bytes()
+    sums = checksum_path(path)
+    if sums.is_file():
+        expected = sums.read_text().split()[0] if sums.read_text().split() else ""
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ConfigError(
+                f"{what}: {path} does not match the checksum written beside it ({sums.name}): the file is damaged "
+                "(changed bits, an incomplete copy, or the run was killed while writing it), and a run continued "
+                "from it would start from wrong weights. Resume from an intact copy, or start a new run.")
+    else:
+        log.warning("%s: %s has no checksum beside it (%s), so it cannot be verified; loading it as it is",
+                    what, path, sums.name)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise ConfigError(f"{what}: {path} cannot be read as a checkpoint ({e}).") from None
+
+
 def load_resume(run_dir: str | Path) -> Resume:
     """Read ``<run_dir>/model.pt`` and check that it can be continued; :class:`ConfigError` says why not."""
     from fwdgrad.experiments.training.run_files import CHECKPOINT_FILE
@@ -87,10 +114,7 @@ def load_resume(run_dir: str | Path) -> Resume:
     if not path.is_file():
         raise ConfigError(f"resume={run_dir}: there is no {path}; a run has a checkpoint once its first epoch has "
                           "ended (an earlier run that stopped in its first epoch has nothing to resume).")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which
-        raise ConfigError(f"resume={run_dir}: {path} cannot be read as a checkpoint ({e}).") from None
+    checkpoint = read_checkpoint(path, f"resume={run_dir}")
     extras = checkpoint.get("resume") if isinstance(checkpoint, dict) else None
     if extras is None:
         raise ConfigError(f"resume={run_dir}: {path} holds only the model's weights (it was written by an older "

@@ -94,9 +94,10 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
         UserError: a bad config or run directory, before anything is written.
     """
     validate_config(cfg, TrainingConfig, _script_name())
-    if cfg.get("resume"):  # the earlier run's config, with only how/where it runs taken from this one
-        cfg = resume_config(cfg, load_resume(cfg.resume), _command_line_overrides())
     output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    keep = Path(str(cfg.resume)) if cfg.get("resume") else None  # never written into, never deleted
+    if keep is not None:  # the earlier run's config, with only how/where it runs taken from this one
+        cfg = resume_config(cfg, load_resume(cfg.resume), _command_line_overrides())
     dist_cfg = cfg.get("distributed") or {}
     world_size = int(dist_cfg.get("world_size", 1))
     timeout_s = float(dist_cfg.get("timeout_s", 120))
@@ -107,10 +108,10 @@ def train(cfg: DictConfig, output_dir: Optional[str | os.PathLike] = None) -> Di
         return train_process(cfg, output_dir)
     if env_world_size() > 1:  # started by torchrun: every process runs this function
         if int(os.environ.get("RANK", "0")) == 0:
-            claim_output_dir(output_dir, bool(cfg.get("overwrite", False)))
+            claim_output_dir(output_dir, bool(cfg.get("overwrite", False)), keep)
         init_from_env(str(dist_cfg.get("backend", "auto")), timeout_s)
         return train_process(cfg, output_dir)
-    claim_output_dir(output_dir, bool(cfg.get("overwrite", False)))
+    claim_output_dir(output_dir, bool(cfg.get("overwrite", False)), keep)
     if world_size > 1:
         return _train_spawned(cfg, output_dir, world_size, timeout_s)
     return train_process(cfg, output_dir)

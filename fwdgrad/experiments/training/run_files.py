@@ -38,6 +38,8 @@ __all__ = [
     "OPTIM_METRIC_KEYS",
     "PLOTS_FILE",
     "RUN_STATUS_FILE",
+    "CHECKSUM_FILE",
+    "checksum_path",
     "STOP_REASONS",
     "StopReason",
     "TB_DIR",
@@ -47,6 +49,8 @@ __all__ = [
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 CHECKPOINT_FILE = "model.pt"
+#: Beside the checkpoint: its SHA-256 (``sha256sum`` format), verified before a checkpoint is resumed.
+CHECKSUM_FILE = CHECKPOINT_FILE + ".sha256"
 PLOTS_FILE = "plots.png"
 RUN_STATUS_FILE = "run.json"
 TB_DIR = "tb"
@@ -95,3 +99,8 @@ class StopReason(str, enum.Enum):
 
 #: Values of ``metrics.json["stopped"]``.
 STOP_REASONS = tuple(r.value for r in StopReason)
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the SHA-256 of the file ``path`` is kept: ``<path>.sha256``."""
+    return path.with_name(path.name + ".sha256")
