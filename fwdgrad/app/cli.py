@@ -57,7 +57,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
-from fwdgrad.app.rundir import claim_run_dir
+from fwdgrad.app.rundir import STORAGE_ERRNOS, check_writable, claim_run_dir, remove_partial_files
 
 __all__ = ["EntryExit", "RunDirGuard", "hydra_task", "objective_value", "one_paragraph", "run_cli",
            "run_hydra"]
@@ -142,6 +142,14 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Union[T,
             if _in_multirun():  # this job failed (its files are kept); the sweep goes on
                 return math.inf if _objective_key(cfg) is not None else None
             raise EntryExit(err.exit_code) from None
+        except OSError as err:
+            if err.errno not in STORAGE_ERRNOS:
+                log.exception("unexpected error (a bug in fwdgrad: please report it with this traceback)")
+                raise EntryExit(1) from None
+            log.error("%s", _storage_failure(err))
+            if _in_multirun():
+                return math.inf if _objective_key(cfg) is not None else None
+            raise EntryExit(1) from None
         except KeyboardInterrupt:
             status = "interrupted"
             log.warning("stopped at once by a second interrupt: the files are those written before it (run.json "
@@ -155,6 +163,22 @@ def hydra_task(fn: Callable[[DictConfig], T]) -> Callable[[DictConfig], Union[T,
             _flush_logs()
 
     return task
+
+
+def _storage_failure(err: OSError) -> str:
+    """One paragraph for a write that failed for lack of room or rights, after removing partial files."""
+    removed = []
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        removed = remove_partial_files(Path(HydraConfig.get().runtime.output_dir))
+    return one_paragraph(RunError(
+        f"the run stopped: writing {err.filename or 'a file'} failed ({err.strerror or err}: the disk is full, a "
+        "file-size limit was reached, or the directory is not writable). The files it finished before are intact "
+        "(each is replaced whole or not at all; model.pt is the last finished epoch's)"
+        + (f"; the partial {', '.join(removed)} were removed" if removed else "")
+        + ". Make room or choose another hydra.run.dir, then continue with resume=<this run directory> if a "
+        "checkpoint was written."))
 
 
 class RunDirGuard(Callback):
@@ -177,6 +201,7 @@ class RunDirGuard(Callback):
             resume = config.get("resume")
             claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)),
                           keep=Path(str(resume)) if resume else None)
+            check_writable(Path(str(run_dir)))
         except UserError as err:
             sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
             raise EntryExit(err.exit_code) from None

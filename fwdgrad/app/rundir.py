@@ -21,6 +21,7 @@ this only ever matters for directories chosen by hand.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import List, Optional
 
 from fwdgrad.errors import RunDirError
 
-__all__ = ["RUN_ENTRIES", "claim_output_dir", "claim_run_dir", "earlier_run_entries"]
+__all__ = ["RUN_ENTRIES", "STORAGE_ERRNOS", "check_writable", "claim_output_dir", "claim_run_dir", "earlier_run_entries",
+           "remove_partial_files"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,37 @@ def claim_run_dir(run_dir: Path, overwrite: bool = False, hydra_files_are_ours: 
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     log.info("overwrite=true: deleted the earlier run's %s from %s", shown, run_dir)
+
+
+#: errno values of a write that failed for lack of room or rights (not a bug: the run's storage)
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` if needed and write a probe file there, so that a directory the run cannot write
+    is refused in one paragraph (:class:`RunDirError`) before anything starts."""
+    probe = Path(run_dir) / ".fwdgrad-write-probe"
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(
+            f"cannot write into the run directory {run_dir} ({err.strerror or err}): it is read-only, not "
+            "permitted, or on a full disk. Choose another one (hydra.run.dir=... or hydra.sweep.dir=...), or make "
+            "room / grant write access.") from None
+
+
+def remove_partial_files(run_dir: Path) -> List[str]:
+    """Delete the ``<name>.tmp`` files of :data:`RUN_ENTRIES` left by an atomic write that failed (the files they
+    were to replace stay as they were); returns their names."""
+    removed = []
+    for name in sorted(RUN_ENTRIES):
+        tmp = Path(run_dir) / (name + ".tmp")
+        if tmp.is_file():
+            tmp.unlink()
+            removed.append(tmp.name)
+    return removed
 
 
 def claim_output_dir(output_dir: Path, overwrite: bool = False, keep: Optional[Path] = None) -> None:
