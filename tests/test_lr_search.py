@@ -85,3 +85,21 @@ def test_a_tiny_study_runs_log_spaced_trials_and_reports_the_best(tmp_path):
     assert best.best_value == pytest.approx(losses[i], rel=1e-12)
     assert best.best_params["optimization.learning_rate"] == pytest.approx(lrs[i], rel=1e-12)
     assert "Best parameters" in out and "Best value" in out
+
+
+@pytest.mark.parametrize("space,message", [
+    ("tag(log, interval(1e-1, 1e-3))", "empty or inverted"),
+    ("tag(log, interval(-1e-3, 1e-1))", "needs bounds > 0"),
+    ("tag(log, interval(0, 1e-1))", "needs bounds > 0"),
+    ("interval(0.5, 0.5)", "empty or inverted"),
+    ("interval(2, -2)", "empty or inverted"),
+])
+def test_a_bad_search_interval_is_refused_before_optuna_starts(space, message, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "mnist_fwdgrad.py"), "-m", "hydra/sweeper=lr_search",
+                           f"optimization.learning_rate={space}", "dataset=digits"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and message in errors[0] and "optimization.learning_rate" in errors[0]
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))

@@ -45,6 +45,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -57,7 +59,15 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from fwdgrad.errors import ConfigError, Interrupted, RunError, UserError
-from fwdgrad.app.rundir import STORAGE_ERRNOS, check_writable, claim_run_dir, remove_partial_files
+from fwdgrad.app.resolvers import torchrun_agent
+from fwdgrad.app.rundir import (
+    STORAGE_ERRNOS,
+    check_writable,
+    claim_run_dir,
+    mark_claimed,
+    remove_partial_files,
+    wait_for_claim,
+)
 
 __all__ = ["EntryExit", "RunDirGuard", "hydra_task", "objective_value", "one_paragraph", "run_cli",
            "run_hydra"]
@@ -181,6 +191,38 @@ def _storage_failure(err: OSError) -> str:
         "checkpoint was written."))
 
 
+_INTERVAL = re.compile(r"interval\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)")
+
+
+def check_search_intervals(config: DictConfig) -> None:
+    """A sweep's search spaces (the sweeper's ``params`` and the command line's ``interval(...)`` overrides) are
+    intervals ``low < high``, with ``low > 0`` on a log scale (``tag(log, ...)``); else a :class:`ConfigError`
+    naming the key, before the sweeper (Optuna) starts."""
+    hydra_cfg = config.get("hydra") or {}
+    sweeper = hydra_cfg.get("sweeper") or {}
+    params = dict(sweeper.get("params") or {})
+    for override in (hydra_cfg.get("overrides") or {}).get("task") or []:
+        key, _, value = str(override).partition("=")
+        if "interval(" in value:
+            params[key.lstrip("+~")] = value
+    for key, value in params.items():
+        text = str(value)
+        match = _INTERVAL.search(text)
+        if match is None:
+            continue
+        try:
+            low, high = float(match.group(1)), float(match.group(2))
+        except ValueError:
+            raise ConfigError(f"{key}={text}: the bounds of interval(low, high) must be numbers.") from None
+        log_scale = "tag(log" in text.replace(" ", "")
+        if not low < high:
+            raise ConfigError(f"{key}={text}: the search interval is empty or inverted (low {low:g} >= high "
+                              f"{high:g}); write interval(low, high) with low < high, e.g. interval(1e-6, 1.0).")
+        if log_scale and low <= 0:
+            raise ConfigError(f"{key}={text}: a log-scale search (tag(log, ...)) needs bounds > 0, got low {low:g}; "
+                              "e.g. tag(log, interval(1e-6, 1.0)).")
+
+
 class RunDirGuard(Callback):
     """Hydra callback (``configs/hydra/default.yaml``): claim the run (or sweep) directory before Hydra writes
     ``.hydra/`` into it, so that a refused directory keeps the earlier run's files as they were.
@@ -193,15 +235,27 @@ class RunDirGuard(Callback):
         self._claim(config.hydra.run.dir, config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_search_intervals(config)
+        except UserError as err:
+            sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
+            raise EntryExit(err.exit_code) from None
         self._claim(config.hydra.sweep.dir, config)
 
     @staticmethod
     def _claim(run_dir: str, config: DictConfig) -> None:
         try:
+            agent = torchrun_agent()
+            job = f"torchrun-{agent}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+            if agent is not None and int(os.environ.get("RANK", "0")) > 0:  # rank 0 claims for the whole job
+                wait_for_claim(Path(str(run_dir)), job)
+                return
             resume = config.get("resume")
             claim_run_dir(Path(str(run_dir)), overwrite=bool(config.get("overwrite", False)),
                           keep=Path(str(resume)) if resume else None)
             check_writable(Path(str(run_dir)))
+            if agent is not None:
+                mark_claimed(Path(str(run_dir)), job)
         except UserError as err:
             sys.stderr.write(f"[ERROR] {one_paragraph(err)}\n")
             raise EntryExit(err.exit_code) from None

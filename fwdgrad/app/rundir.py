@@ -24,13 +24,14 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional
 
 from fwdgrad.errors import RunDirError
 
 __all__ = ["RUN_ENTRIES", "STORAGE_ERRNOS", "check_writable", "claim_output_dir", "claim_run_dir", "earlier_run_entries",
-           "remove_partial_files"]
+           "remove_partial_files", "mark_claimed", "wait_for_claim", "CLAIM_MARKER"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ RUN_ENTRIES = frozenset({
     "summary.json", "loss.png", "trajectories.png",  # global_optim.py
     "approx_quality.csv", "cosine_vs_k.png", "norm_ratio_vs_k.png",  # approx_quality.py
 })
-_HYDRA_ENTRIES = frozenset({".hydra", "multirun.yaml"})
+#: Written by rank 0 of a torchrun job once it has claimed the run directory; the other ranks wait for it.
+CLAIM_MARKER = ".fwdgrad-claimed"
+_HYDRA_ENTRIES = frozenset({".hydra", "multirun.yaml", CLAIM_MARKER})
 
 
 def _is_run_entry(path: Path) -> bool:
@@ -62,7 +65,7 @@ def earlier_run_entries(run_dir: Path, hydra_files_are_ours: bool = False) -> Li
         return []
     names = sorted(p.name for p in run_dir.iterdir())
     if hydra_files_are_ours:
-        names = [n for n in names if n != ".hydra" and not n.endswith(".log")]
+        names = [n for n in names if n not in (".hydra", CLAIM_MARKER) and not n.endswith(".log")]
     return names
 
 
@@ -112,6 +115,29 @@ def claim_run_dir(run_dir: Path, overwrite: bool = False, hydra_files_are_ours: 
 
 #: errno values of a write that failed for lack of room or rights (not a bug: the run's storage)
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def mark_claimed(run_dir: Path, job: str) -> None:
+    """Rank 0 of a multi-process job: say that ``run_dir`` is claimed for the job ``job``."""
+    tmp = Path(run_dir) / (CLAIM_MARKER + ".tmp")
+    tmp.write_text(job)
+    tmp.replace(Path(run_dir) / CLAIM_MARKER)
+
+
+def wait_for_claim(run_dir: Path, job: str, timeout_s: float = 120.0) -> None:
+    """The other ranks: wait until rank 0 has claimed ``run_dir`` for ``job`` (before Hydra writes into it, so
+    that rank 0's claim never sees their files); :class:`RunDirError` after ``timeout_s``."""
+    marker = Path(run_dir) / CLAIM_MARKER
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if marker.read_text() == job:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RunDirError(f"rank 0 of this torchrun job did not claim the run directory {run_dir} within "
+                      f"{timeout_s:.0f} s (it refused the directory or failed: see its message).")
 
 
 def check_writable(run_dir: Path) -> None:
