@@ -315,3 +315,18 @@ def test_the_base_class_catches_a_write_into_the_callers_tensors_for_any_estimat
         _Careless()(lambda p: p, {})
     loss, g = _Careless()(lambda p: (p * 2).sum(), torch.ones(3))  # a pure loss_fn is fine
     assert float(loss) == 6.0 and np.array_equal(g.numpy(), np.zeros(3))
+
+
+@pytest.mark.parametrize("distribution", ["normal", "rademacher", "rank1"])
+def test_more_tangents_than_memory_holds_are_refused_before_anything_is_allocated(distribution, tmp_path: Path):
+    # the API: the first draw checks the k tangents of the largest parameter against the memory available
+    params = {"w": torch.randn(64, 32), "b": torch.randn(64)}
+    with pytest.raises(ConfigError, match="num_tangents=1000000000 needs at least .* GiB"):
+        ForwardGradient(10**9, distribution=distribution, seed=0)(lambda p: (p["w"] ** 2).sum() + p["b"].sum(),
+                                                                   params)
+    # a training run: refused while its components are built, before the first step (exit 2 in a script)
+    cfg = compose_cfg("mnist_fwdgrad", ["dataset=digits", "progress_bar=false", "gradient.num_tangents=1000000000",
+                                        f"gradient.distribution={distribution}"])
+    with pytest.raises(ConfigError, match="Use fewer tangents"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()

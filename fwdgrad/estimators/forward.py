@@ -37,7 +37,7 @@ from fwdgrad.estimators.base import (
     check_seed,
     from_param_dict,
 )
-from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
+from fwdgrad.estimators.memory_policy import TangentMemoryPolicy, check_tangent_memory
 from fwdgrad.estimators.tangents.distributions import (
     TANGENT_DISTRIBUTIONS,
     DrawContext,
@@ -116,6 +116,7 @@ class ForwardGradient(PassStateDict, SeededGenerators, GradientEstimator):
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._scratch: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}  # reused tangent buffers, k > 1
         self._advised = False  # the aggregation's step-size advice is logged once, at the first estimate
+        self._memory_checked = False
 
     def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         """The three stages below, in order: draw V, one forward-mode pass for ``(f, d = V^T grad f)``
@@ -154,7 +155,23 @@ class ForwardGradient(PassStateDict, SeededGenerators, GradientEstimator):
     def draw(self, params: Dict[str, Tensor]) -> TangentDraw:
         """This step's tangents exactly as ``__call__`` draws them: rank-one factors kept, dense tangents
         regenerated where the memory policy says so, k > 1 in a buffer reused from step to step."""
+        if not self._memory_checked:
+            self.check_memory(params)
         return self._draw(params, reuse=self.num_tangents > 1, regenerate=self.dispatch.uses_fast)
+
+    def check_memory(self, params: Mapping[str, Tensor]) -> None:
+        """Refuse, before anything is allocated, a ``num_tangents`` whose tangents cannot fit in the memory
+        available (:func:`~fwdgrad.estimators.memory_policy.check_tangent_memory`); the first draw calls it, and
+        the training loop before the run."""
+        rank_one = self.distribution == "rank1"
+
+        def per_tangent(p: Tensor) -> int:
+            if rank_one and p.dim() >= 2:
+                return (p.shape[0] + p[0].numel()) * p.element_size()
+            return p.numel() * p.element_size()
+
+        check_tangent_memory(self.num_tangents, params, per_tangent, "ForwardGradient")
+        self._memory_checked = True
 
     def _draw(self, params: Dict[str, Tensor], reuse: bool, regenerate: bool = False) -> TangentDraw:
         # With k > 1 the estimate is a new vector B c, so the tangents can live in a reused buffer; with k = 1

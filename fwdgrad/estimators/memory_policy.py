@@ -13,11 +13,15 @@ tangent (k > 1). Neither decision ever changes the estimates, only speed and pea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
 
 from fwdgrad.errors import ConfigError
 
-__all__ = ["PASS_TENSORS", "MIN_SAVING_PER_REDRAWN_BYTE", "kept_prefix", "predicted_peak", "regeneration_pays",
+__all__ = ["PASS_TENSORS", "MIN_SAVING_PER_REDRAWN_BYTE", "available_bytes", "check_tangent_memory", "kept_prefix",
+           "predicted_peak", "regeneration_pays",
            "TangentMemoryPolicy"]
 
 #: Tangent-sized tensors a forward-mode layer holds at once: its input and output, each with its tangent.
@@ -138,3 +142,37 @@ class TangentMemoryPolicy:
     def record(self, bytes_per_tangent: float) -> None:
         """Store the largest intermediate tangent (bytes per tangent) of this call's passes for the next call."""
         self.bytes_per_tangent = float(bytes_per_tangent)
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation on ``device`` can take now: free CUDA memory, or the CPU's ``MemAvailable``
+    (Linux); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_tangent_memory(num_tangents: int, params: Mapping[str, Tensor], per_tangent: Callable[[Tensor], int],
+                         what: str) -> None:
+    """Refuse (:class:`~fwdgrad.errors.ConfigError`) a setting whose tangents cannot fit in memory, before the
+    first step allocates them: at least one parameter's k tangents exist at once (a dense draw holds
+    ``k x numel`` numbers of it even when regenerated block by block; a rank-one draw ``k (rows + cols)``), which
+    must fit in what the device has available."""
+    if not params:
+        return
+    largest = max(params.values(), key=per_tangent)
+    need = num_tangents * per_tangent(largest)
+    have = available_bytes(largest.device)
+    if have is not None and need > have:
+        raise ConfigError(
+            f"{what}: num_tangents={num_tangents} needs at least {need / 2**30:.3g} GiB for the tangents of one "
+            f"parameter (k x its tangent size, {per_tangent(largest) / 2**20:.3g} MiB each), more than the "
+            f"{have / 2**30:.3g} GiB available on {largest.device}. Use fewer tangents, rank-one tangents "
+            "(distribution=rank1), or a smaller model.")

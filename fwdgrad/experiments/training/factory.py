@@ -124,6 +124,9 @@ def build_components(cfg: DictConfig, settings: Settings, world_size: int = 1) -
         # Every rank computes on its shard of each batch; forward gradients all-reduce k scalars, backprop n.
         estimator = DataParallelEstimator(estimator)
     params = [p for p in model.parameters() if p.requires_grad]
+    check_memory = getattr(getattr(estimator, "estimator", estimator), "check_memory", None)
+    if check_memory is not None:  # a setting whose tangents cannot fit is refused before the run starts
+        check_memory({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
     steps_per_epoch = math.ceil(splits.train_x.shape[0] / splits.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
