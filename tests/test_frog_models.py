@@ -230,7 +230,9 @@ ESTIMATORS = [(p.stem, []) for p in sorted((CONFIGS / "gradient").glob("*.yaml")
 #: perturbation estimates nn.Linear/nn.Conv2d parameters only (these models also have norm layers, tokens, ...),
 #: and local-gradient guesses need the auxiliary heads of model.local_losses (the MLP and conv net have them)
 NEEDS_STRUCTURE = {
-    "forward_activity": "activity perturbation estimates the parameters of nn.Linear and nn.Conv2d layers only",
+    # (models with batch norm: the batch coupling is found first, by the probe pass)
+    "forward_activity": "activity perturbation (estimates the parameters of nn.Linear and nn.Conv2d layers only|"
+                        "cannot estimate this model exactly: batch_norm computes a statistic over the examples)",
     "forward_guess": "needs guesses from local losses: set model.local_losses=true",
 }
 

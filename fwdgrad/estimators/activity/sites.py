@@ -21,8 +21,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from fwdgrad.errors import ConfigError
+from fwdgrad.estimators.step_randomness import SameRandomness
 from fwdgrad.nn.local_losses import LocalBlock, head_linear
 
 __all__ = ["Site", "probe", "trainable_layers", "model_sites", "local_sites", "layer_grads", "unused_layers"]
@@ -87,25 +89,181 @@ def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             if isinstance(m, SITE_TYPES) and any(p.requires_grad for p in m.parameters())]
 
 
+#: Reductions that compute a statistic over the dims they are given (all dims when none is given).
+_REDUCTIONS = frozenset(f"{prefix}{name}" for prefix in ("", "TensorBase.", "_VariableFunctionsClass.")
+                        for name in ("mean", "sum", "var", "std", "var_mean", "std_mean", "amax", "amin", "max",
+                                     "min", "logsumexp", "norm", "prod", "softmax", "log_softmax", "median"))
+
+
+def _reduced_dims(args: Sequence[object], kwargs: Dict[str, object]) -> object:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], Tensor) else None)
+    return dim
+
+
+class _Recorder(TorchFunctionMode):
+    """Watches one pass for the uses of layers, parameters and outputs that activity perturbation assumes."""
+
+    def __init__(self, owner: Dict[int, Tuple[str, nn.Module]], running: List[nn.Module],
+                 relu_fed_outputs: Dict[int, str], batch: int) -> None:
+        super().__init__()
+        self.owner, self.running, self.relu_fed_outputs, self.batch = owner, running, relu_fed_outputs, batch
+        self.problems: List[str] = []
+
+    def _batch_statistic(self, name: str, args: Sequence[object], kwargs: Dict[str, object]) -> bool:
+        """A reduction (or batch norm with batch statistics) over the examples of a batch-shaped tensor."""
+        short = name.rsplit(".", 1)[-1]
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if short == "batch_norm":
+            training = kwargs.get("training", args[5] if len(args) > 5 else False)
+            return bool(training)
+        if (name not in _REDUCTIONS or x is None or id(x) in self.owner or x.dim() == 0 or x.shape[0] != self.batch
+                or self.batch < 2):
+            return False
+        dims = _reduced_dims(args, kwargs)
+        if dims is None:
+            return short not in ("softmax", "log_softmax")  # (their dim is required in practice)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return any(int(d) % x.dim() == 0 for d in dims)
+
+    def _note(self, problem: str) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not any(t.is_floating_point() for t in _tensors((out,), {})):
+            return out  # metadata (.shape, .dim()), comparisons: nothing flows on from the inputs' values
+        name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+        if self._batch_statistic(name, args, kwargs):
+            where = next((type(m).__name__ for m in reversed(self.running)), "the model")
+            self._note(f"{name} computes a statistic over the examples of the batch (in {where}), so each example's "
+                       "loss depends on the others' activations, which per-example perturbation ignores (batch norm "
+                       "in training mode, centring by the batch mean)")
+        for t in _tensors(args, kwargs):
+            hit = self.owner.get(id(t))
+            if hit is not None and not any(m is hit[1] for m in self.running):
+                self._note(f"the parameter {hit[0]} is used by {name} outside its layer's forward (its local rule "
+                           "would never see that use)")
+            site = self.relu_fed_outputs.get(id(t))
+            if site is not None and name.rsplit(".", 1)[-1] in ("relu", "relu_"):
+                if out is t:  # an in-place ReLU: the tensor is the ReLU's output from now on
+                    del self.relu_fed_outputs[id(t)]
+            elif site is not None:
+                self._note(f"the output of {site}, which feeds a ReLU, is also used by {name} (a skip path or a "
+                           "second consumer): the estimate's ReLU mask would drop that path's gradient")
+        return out
+
+
+def _tensors(args: Sequence[object], kwargs: Dict[str, object]) -> List[Tensor]:
+    out: List[Tensor] = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(b for b in a if isinstance(b, Tensor))
+    return out
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` without changing it: buffers (batch norm's running statistics) on copies, no gradient."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad():
+        return torch.func.functional_call(model, (params, buffers), (x,))
+
+
 def probe(model: nn.Module, layers: Sequence[Tuple[str, nn.Module]], x: Tensor
           ) -> Tuple[List[str], Dict[str, Tuple[int, ...]]]:
-    """The layers ``model(x)`` calls, in call order, and each one's output shape per example: one no-grad pass
-    on the first example of ``x``."""
+    """The layers ``model(x)`` calls, in call order, and each one's output shape per example, from a no-grad pass
+    on the first four examples of ``x`` that leaves the model as it was; and the checks of what activity
+    perturbation assumes (:class:`ConfigError` naming the layer and the fix when one fails):
+
+    * every layer is called once per forward pass (its local rule uses one input);
+    * no parameter is shared by two layers, nor used outside its own layer's forward (``F.linear(h,
+      layer.weight)`` elsewhere): a layer's gradient comes from its own input and output alone;
+    * a layer whose output goes into a ReLU feeds nothing else (the estimate is masked where the ReLU is off);
+    * each example's output depends on that example alone (no batch norm in training mode, no statistics over
+      the batch): the perturbation is per example. Checked by changing the first example and comparing the
+      others' outputs.
+    """
     order: List[str] = []
     shapes: Dict[str, Tuple[int, ...]] = {}
+    calls: Dict[str, int] = {}
+    owner: Dict[int, Tuple[str, nn.Module]] = {}
+    for lname, m in layers:
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in owner and owner[id(p)][1] is not m:
+                raise ConfigError(
+                    f"activity perturbation: {lname}.{pname} is the same tensor as {owner[id(p)][0]} (a tied "
+                    "weight): each layer's local rule would write its own gradient and the second would replace "
+                    "the first instead of adding to it. Use gradient=forward or gradient=backprop for this model.")
+            owner[id(p)] = (f"{lname}.{pname}", m)
+    fed = _relu_fed([model])
+    relu_fed_outputs: Dict[int, str] = {}
+    alive: List[Tensor] = []
+    running: List[nn.Module] = []
 
-    def seen(name: str, out: Tensor) -> None:
+    def pre(mod: nn.Module, args: tuple) -> None:
+        running.append(mod)
+
+    def seen(name: str, mod: nn.Module, out: Tensor) -> None:
         if name not in shapes:
             order.append(name)
+        calls[name] = calls.get(name, 0) + 1
         shapes[name] = tuple(out.shape[1:])
+        if id(mod) in fed:
+            relu_fed_outputs[id(out)] = name
+            alive.append(out)  # held until the pass ends, so that no later tensor reuses its id
 
-    handles = [m.register_forward_hook(lambda mod, a, out, name=n: seen(name, out)) for n, m in layers]
+    def post(mod: nn.Module, args: tuple, out: object) -> None:
+        if running and running[-1] is mod:
+            running.pop()
+
+    names = dict(layers)
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(lambda mod, a, out, name=n: seen(name, mod, out)) for n, m in names.items()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    rows = x[:4]  # (with 2 rows batch norm would give +-1 whatever the first one is: not a test of coupling)
+    recorder = _Recorder(owner, running, relu_fed_outputs, rows.shape[0])  # (with 2 rows batch norm would give +-1 whatever the first one is: not a test of coupling)
+    replay = SameRandomness([x.device])  # the coupling check's second pass draws the same dropout masks
     try:
-        with torch.no_grad():
-            model(x[:1])
+        with recorder:
+            out = _forward(model, rows)
     finally:
         for h in handles:
             h.remove()
+    twice = [n for n, c in calls.items() if c > 1]
+    if twice:
+        raise ConfigError(
+            f"activity perturbation: {', '.join(twice)} is called {calls[twice[0]]} times in one forward pass; its "
+            "local rule sees one input, so the gradient of the other calls would be lost. Use a separate layer per "
+            "call, or gradient=forward / gradient=backprop for this model.")
+    if recorder.problems:
+        raise ConfigError(f"activity perturbation cannot estimate this model exactly: {'; '.join(recorder.problems)}."
+                          " Use gradient=forward or gradient=backprop for it, or restructure the model.")
+    if rows.shape[0] > 1 and isinstance(out, Tensor) and out.shape[:1] == rows.shape[:1]:
+        changed = rows.clone()
+        changed[0] = changed[0] + 1.0
+        # three draws of the model's randomness (each pass of a pair with the same draw): one mask could hide the
+        # first example from the second (dropout zeroing its every unit)
+        coupled_output = False
+        for attempt in range(3):
+            if attempt:
+                replay = SameRandomness([x.device])
+                out = _forward(model, rows)
+            replay.restore()
+            coupled_output = coupled_output or not torch.equal(_forward(model, changed)[1:], out[1:])
+        if coupled_output:
+            coupled = [n for n, m in model.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+            raise ConfigError(
+                "activity perturbation perturbs each example's activations on their own and needs each example's "
+                "output to depend on that example alone, but this model couples the examples of a batch"
+                + (f" (batch norm in training mode: {', '.join(coupled)})" if coupled else
+                   " (a statistic over the batch, such as centring by the batch mean)")
+                + ". Use gradient=forward or gradient=backprop, or put batch norm in eval mode / use a per-example "
+                  "normalisation (LayerNorm, GroupNorm).")
     return order, shapes
 
 
