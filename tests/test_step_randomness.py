@@ -119,3 +119,27 @@ def test_activity_perturbation_with_dropout_equals_backprop_at_a_full_basis(back
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-7, atol=1e-9)
     assert torch.equal(state, state_bp)  # the probe and recording passes left the step's stream alone
+
+
+def test_local_losses_one_call_per_block_replay_the_chains_masks():
+    # LG-FG-W at k = n per block (both blocks have 35 parameters) equals LG-BP with dropout inside the blocks:
+    # block j's own call must draw the masks its body drew in the chain pass that gave its input
+    from fwdgrad.nn.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP((1, 2, 2), 3, (4, 4), local_losses=True).to(DT).train()
+    model.net[1] = nn.Sequential(nn.ReLU(), nn.Dropout(0.4))
+    model.net[3] = nn.Sequential(nn.ReLU(), nn.Dropout(0.4))
+    x, y = torch.randn(6, 1, 2, 2, dtype=DT), torch.randint(0, 3, (6,))
+
+    def grads(est):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(9)
+        loss = estimate_module_grads(est, model, lambda o: per_example_cross_entropy(o, y), x)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}, torch.get_rng_state()
+
+    loss_bp, ref, _ = grads(Backprop())
+    loss, got, _ = grads(ForwardGradient(35, "projection", seed=4))
+    torch.testing.assert_close(loss, loss_bp)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-7, atol=1e-9)

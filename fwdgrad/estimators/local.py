@@ -12,7 +12,8 @@ For a model with ``local_losses`` the quantity to estimate is, for every block j
   ``L_j`` as a function of block j's parameters alone, so it draws its own tangents and gets its own
   directional derivatives ``<grad L_j, v_j>``; a forward gradient of the sum would mix the blocks' noise
   (``d = sum_j <grad L_j, v_j>``). The blocks' inputs come from one no-grad pass through the bodies first
-  (one more forward pass than the single call).
+  (one more forward pass than the single call), and block j's call replays the random state its body had in
+  that pass (the same dropout masks as the single call).
 
 Estimators with a module-level hook (activity perturbation, guesses) handle local losses themselves.
 """
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.base import GradientEstimator, OutputLoss, mean_loss, write_grads
-from fwdgrad.nn.local_losses import LocalBlock, chain_inputs
+from fwdgrad.estimators.step_randomness import SameRandomness
+from fwdgrad.nn.local_losses import LocalBlock
 
 __all__ = ["estimate_local_grads", "local_objective", "LocalObjective"]
 
@@ -74,8 +77,18 @@ def estimate_local_grads(
         loss, grads = estimator(lambda p: functional_call(wrapper, p, (x,)), params)
         write_grads(wrapper, grads)
         return loss
+    # Every block's input by one no-grad pass through the bodies, with the random state before each body: block j's
+    # own call replays it, so that its dropout masks are those of the chain (one random stream per step, as in
+    # the single call on the sum).
+    inputs, states = [x], []
+    with torch.no_grad():
+        for blk in blocks:
+            states.append(SameRandomness([x.device]))
+            if blk is not blocks[-1]:
+                inputs.append(blk.body(inputs[-1]).detach())
     loss = x.new_zeros(())
-    for blk, h in zip(blocks, chain_inputs(blocks, x)):
+    for blk, h, state in zip(blocks, inputs, states):
+        state.restore()
         params = {n: p.detach() for n, p in blk.named_parameters() if p.requires_grad}
 
         def block_loss(p: dict, blk: LocalBlock = blk, h: Tensor = h) -> Tensor:
