@@ -26,7 +26,7 @@ heads; :meth:`local_blocks` returns *views*: :class:`LocalBlock` modules holding
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -128,12 +128,3 @@ def local_blocks(model: nn.Module) -> Optional[Tuple[LocalBlock, ...]]:
             "model=mlp and model=conv."
         )
     return make()
-
-
-def chain_inputs(blocks: Sequence[LocalBlock], x: Tensor) -> List[Tensor]:
-    """Every block's (detached) input, by one no-grad pass through the bodies: ``[x, h_1, ..., h_{N-1}]``."""
-    inputs = [x]
-    with torch.no_grad():
-        for blk in blocks[:-1]:
-            inputs.append(blk.body(inputs[-1]).detach())
-    return inputs
