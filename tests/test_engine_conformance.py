@@ -87,7 +87,8 @@ def _outputs(out: Any) -> List[torch.Tensor]:
 
 
 def conformance(fn: Callable, sample, dtype: torch.dtype, seed: int = 0) -> Tuple[str, str]:
-    """``("pass" | "refused" | "wrong" | "error" | "skip", detail)`` for one op on one sample input."""
+    """``("pass" | "refused" | "wrong" | "error" | "skip", detail)`` for one op on one sample input (on the
+    sample's device; the random weights and tangents are drawn on the CPU and moved there)."""
     gen = torch.Generator().manual_seed(seed)
     leaves = _leaves(sample)
     if not leaves:
@@ -100,16 +101,17 @@ def conformance(fn: Callable, sample, dtype: torch.dtype, seed: int = 0) -> Tupl
 
     with torch.no_grad():
         shapes = [(o.shape, o.dtype) for o in _outputs(f_out(params))]
-    weights = [torch.randn(s, generator=gen, dtype=d) if d.is_floating_point else None for s, d in shapes]
+    device = next(iter(params.values())).device
+    weights = [torch.randn(s, generator=gen, dtype=d).to(device) if d.is_floating_point else None for s, d in shapes]
 
     def f(p: Dict[str, torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros((), dtype=dtype)
+        total = torch.zeros((), dtype=dtype, device=device)
         for o, w in zip(_outputs(f_out(p)), weights):
             if w is not None:
                 total = total + (o * w).sum()
         return total
 
-    tangents = {n: torch.randn((K, *v.shape), generator=gen, dtype=v.dtype) for n, v in params.items()}
+    tangents = {n: torch.randn((K, *v.shape), generator=gen, dtype=v.dtype).to(v.device) for n, v in params.items()}
     try:
         value, d = forward_tangents(f, params, tangents, K)
     except Unsupported as err:
@@ -135,14 +137,14 @@ def conformance(fn: Callable, sample, dtype: torch.dtype, seed: int = 0) -> Tupl
     return "wrong", f"value {float(value)} vs {float(ref_value)}, d {d.tolist()} vs {ref_d.tolist()}"
 
 
-def sweep(dtype: torch.dtype) -> Dict[str, collections.Counter]:
+def sweep(dtype: torch.dtype, device: str = "cpu") -> Dict[str, collections.Counter]:
     """Per covered op variant: a count of each outcome over its sample inputs (failures' details kept)."""
     results: Dict[str, collections.Counter] = {}
     for name, op, fn in COVERED:
-        if dtype not in op.supported_dtypes("cpu"):
+        if dtype not in op.supported_dtypes(device):
             continue
         counts: collections.Counter = collections.Counter()
-        for sample in op.sample_inputs("cpu", dtype, requires_grad=False):
+        for sample in op.sample_inputs(device, dtype, requires_grad=False):
             outcome, detail = conformance(fn, sample, dtype)
             counts[outcome] += 1
             if outcome in ("wrong", "error"):

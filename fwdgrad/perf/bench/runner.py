@@ -23,6 +23,7 @@ from fwdgrad.perf.bench.workloads import (
     Variant,
     build_model,
     frog_variants,
+    peer_variants,
     variants,
 )
 from fwdgrad.perf.memory import tune_malloc
@@ -54,6 +55,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="k values also run on the torch.func reference path (normal tangents); the conv net "
                         "gets only k=1 there unless --func-convnet")
     p.add_argument("--func-convnet", action="store_true", help="run every --func-ks on the conv net too")
+    p.add_argument("--peer-ks", default="1,4,16",
+                   help="k values of the peer rows (MLP only; '' for none): a whole SGD step of fwdgrad's forward "
+                        "gradient beside torchzero's ForwardGradient and a torch.func.jvp loop")
     p.add_argument("--zo-ks", default="1,16", help="k values of the zeroth-order rows (MLP only; empty: none)")
     p.add_argument("--simulated-ks", default="16", help="k values also run as the simulated forward gradient "
                    "(backend='simulated': a backprop gradient projected on the tangents; normal tangents; MLP only)")
@@ -69,8 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall time, or (with --threads 1 on a busy shared machine) the thread's CPU time")
-    p.add_argument("--no-malloc-tuning", action="store_true",
-                   help="keep glibc's default malloc thresholds (see fwdgrad.perf.memory.tune_malloc)")
+    p.add_argument("--malloc-tuning", action="store_true",
+                   help="tune glibc's malloc thresholds first (fwdgrad.perf.memory.tune_malloc, what the training "
+                        "entry points do); off by default, so that the rows are what a user's own script gets")
     p.add_argument("--deep-layers", type=int, default=32)
     p.add_argument("--deep-width", type=int, default=1024)
     p.add_argument("--deep-batch", type=int, default=2048)
@@ -83,7 +88,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.frog_batches, args.ks, args.func_ks = "8", "8", "1,2", "1,2"
-        args.zo_ks, args.simulated_ks = "1,2", "2"
+        args.zo_ks, args.simulated_ks, args.peer_ks = "1,2", "2", "1,2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
         raise BenchError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -96,6 +101,7 @@ def run(args: argparse.Namespace) -> Path:
         build_model(m, True)  # validates the name before any long work
     batches, ks, func_ks = int_list(args.batches, "batches"), int_list(args.ks, "ks"), int_list(args.func_ks, "func-ks")
     zo_ks, sim_ks = int_list(args.zo_ks, "zo-ks"), int_list(args.simulated_ks, "simulated-ks")
+    peer_ks = int_list(args.peer_ks, "peer-ks")
     frog_batches = int_list(args.frog_batches, "frog-batches")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
     from fwdgrad import TANGENT_DISTRIBUTIONS
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> Path:
     if out.exists() and any(out.iterdir()):
         raise BenchError(f"output directory {out} is not empty; pass a new --out (results are never overwritten).")
     info = machine_info(device)
-    info["malloc_tuned"] = False if args.no_malloc_tuning else tune_malloc()
+    info["malloc_tuned"] = tune_malloc() if args.malloc_tuning else False
     info["clock"] = args.clock
     mem = PeakMemory(device)
     rng = random.Random(0)
@@ -129,6 +135,8 @@ def run(args: argparse.Namespace) -> Path:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
         extra = (zo_ks, sim_ks) if m == "mlp" else ((), ())  # zeroth-order and simulated rows: the MLP only
         vs = frog_variants(ks, func_ks) if m in FROG_MODELS else variants(ks, dists, fks, *extra)
+        if m == "mlp":
+            vs += peer_variants(peer_ks)
         for b in (frog_batches if m in FROG_MODELS else batches):
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)

@@ -40,7 +40,8 @@ class BenchError(ConfigError):
 class Variant:
     """One row of the table: what runs as the step."""
 
-    name: str  # forward | backprop | fg | fga (activity perturbation) | guess (local-gradient guesses) | zo
+    name: str  # forward | backprop | fg | fga (activity perturbation) | guess (local-gradient guesses) | zo |
+    #            sgd (a whole SGD step with ForwardGradient) | torchzero | jvp_loop (peers, a whole SGD step each)
     distribution: str = ""
     k: int = 0
     backend: str = ""
@@ -54,12 +55,21 @@ class Variant:
         prefix = ("local " if self.local else "") + (f"{self.groups}-group " if self.groups > 1 else "")
         if self.name in ("fga", "zo"):
             return f"{prefix}{self.name} {self.distribution} k={self.k}"
+        if self.name in PEERS:
+            return f"{PEERS[self.name]} k={self.k}, SGD step"
         if self.name != "fg":
             return prefix + self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
         suffix += "" if self.aggregation == "mean" else f" {self.aggregation}"
         backend = {"func": " (torch.func)", "simulated": " (simulated: backprop, then B^T g)"}
         return prefix + f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
+
+
+#: The whole-step rows that compare fwdgrad with its peers: fwdgrad's dense normal forward gradient and SGD,
+#: torchzero's ForwardGradient module (one forward-mode pass per tangent) with its LR module, and a Python loop of
+#: k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog compute a forward gradient).
+PEERS = {"sgd": "fwdgrad fg normal", "torchzero": "torchzero ForwardGradient", "jvp_loop": "torch.func.jvp loop"}
+PEER_LR = 1e-5  # small: many timed steps must not make the model diverge
 
 
 def passes(v: Variant) -> str:
@@ -70,6 +80,10 @@ def passes(v: Variant) -> str:
         return "1 forward + 1 backward"
     if v.name == "zo":  # central differences, plus one pass for the exact loss f(theta)
         return f"{2 * v.k + 1} no-grad forwards"
+    if v.name in ("torchzero", "jvp_loop"):
+        return f"{v.k} forward-mode pass{'es' if v.k > 1 else ''}, 1 tangent each, and the update"
+    if v.name == "sgd":
+        return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}, and the update"
     if v.name == "guess":  # each block's guess is its local-loss gradient, then one pass projects onto them
         return "1 forward + a backward inside each block, then 1 forward-mode pass"
     per_example = " per example and layer output" if v.name == "fga" else ""
@@ -132,11 +146,65 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
     return out + [Variant("zo", "normal", k) for k in zo_ks]
 
 
+def peer_variants(ks: Sequence[int]) -> List[Variant]:
+    """The peer rows (MLP): for each k, fwdgrad's whole SGD step beside torchzero's and a torch.func.jvp loop's."""
+    return [Variant(name, "normal", k) for k in ks for name in PEERS]
+
+
+def _peer_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A whole training step (estimate and SGD update) of one of the :data:`PEERS`."""
+    if v.name == "sgd":
+        est, opt = ForwardGradient(v.k, seed=0), torch.optim.SGD(model.parameters(), lr=PEER_LR)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            estimate_module_grads(est, model, lambda out: per_example_cross_entropy(out, y), x)
+            opt.step()
+        return step
+    if v.name == "torchzero":
+        try:
+            import torchzero as tz
+        except ImportError:
+            raise BenchError("the torchzero peer rows need torchzero (pip install torchzero, in the dev extra); "
+                             "or leave them out with --peer-ks ''.") from None
+        tz_opt = tz.Optimizer(model.parameters(), tz.m.ForwardGradient(n_samples=v.k, seed=0), tz.m.LR(PEER_LR))
+
+        def closure(backward: bool = True) -> torch.Tensor:
+            loss = cross_entropy(model(x), y)
+            if backward:
+                tz_opt.zero_grad()
+                loss.backward()
+            return loss
+
+        return lambda: tz_opt.step(closure)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+    def jvp_loop() -> None:  # g = (1/k) sum_i <grad f, v_i> v_i, one jvp per tangent, then p -= lr g
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        grad = {n: torch.zeros_like(p) for n, p in params.items()}
+        for _ in range(v.k):
+            tangent = {n: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for n, p in params.items()}
+            _, d = torch.func.jvp(loss_fn, (params,), (tangent,))
+            for n in grad:
+                grad[n].add_(tangent[n] * d / v.k)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.sub_(grad[n], alpha=PEER_LR)
+
+    return jvp_loop
+
+
 def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """The callable timed for ``v``, with its own new estimator (its first call allocates its buffers)."""
 
     def loss_of(out: torch.Tensor) -> torch.Tensor:
         return per_example_cross_entropy(out, y)  # what the training loop passes (its mean is the loss)
+
+    if v.name in PEERS:
+        return _peer_step(v, model, x, y)
 
     if v.name == "forward":
         def step() -> None:
