@@ -45,6 +45,10 @@ _SNAPSHOT = textwrap.dedent("""
 _CORE = _SNAPSHOT + textwrap.dedent("""
     HEAVY = ("hydra", "omegaconf", "matplotlib", "pandas", "tensorboard", "sklearn", "tqdm", "torchvision",
              "scipy", "optuna")
+    # torch loads some modules lazily, on first use of its APIs, and they may change the process (sympy adds a
+    # warning filter): use those APIs once first, so that only fwdgrad's own effects remain to be seen
+    torch.func.jvp(lambda a: a * a, (torch.ones(1),), (torch.ones(1),))
+    import sympy  # noqa: F401  (loaded by torch's symbolic shapes)
     before = snapshot()
     torch_loads = {m.split(".")[0] for m in sys.modules}  # torch itself may load some (tqdm, by torch.hub)
     import fwdgrad
