@@ -336,3 +336,38 @@ def test_modules_no_forward_mode_ad_can_differentiate_are_refused_in_one_paragra
         estimate_module_grads(ForwardGradient(seed=0, backend=backend), model,
                               lambda o: (o[0] if isinstance(o, tuple) else o).pow(2).mean(), x)
     assert "\n" not in str(err.value)
+
+
+# -- special values OpInfo's samples rarely hold: ties, kinks at 0, infinities, masked rows, empty, mixed dtypes --
+few_values = st.sampled_from([-1.0, 0.0, 1.0, 2.0])  # ties everywhere, zeros often
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.lists(few_values, min_size=12, max_size=12), st.sampled_from([0, 1, -1]))
+def test_ties_kinks_and_zeros_are_exact_or_refused(rows, cols, values, dim):
+    x = torch.tensor(values[: rows * cols], dtype=torch.float64).reshape(rows, cols)
+    img = torch.tensor(values[:8], dtype=torch.float64).reshape(1, 2, 2, 2)
+    cases = [
+        lambda p: p["x"].amax(dim).sum(),                                   # ties in a max-type reduction
+        lambda p: torch.amax(p["x"], dim=dim, keepdim=True).pow(2).sum(),
+        lambda p: F.max_pool2d(p["img"], 2).sum(),                           # ties in a pooling window
+        lambda p: (F.relu(p["x"]) + p["x"].abs()).sum(),                     # kinks at 0
+        lambda p: torch.softmax(p["x"], dim).pow(2).sum() + torch.logsumexp(p["x"], dim).sum(),
+    ]
+    for fn in cases:
+        _assert_exact_or_refused(fn, {"x": x, "img": img})
+
+
+@pytest.mark.parametrize("name,fn,x", [
+    ("sqrt at 0", lambda p: p["x"].sqrt().sum(), torch.tensor([0.0, 1.0])),
+    ("log at 0", lambda p: p["x"].log().sum(), torch.tensor([0.0, 1.0])),
+    ("exp of -inf", lambda p: p["x"].exp().sum(), torch.tensor([float("-inf"), 1.0])),
+    ("softmax of a masked row", lambda p: F.softmax(p["x"], -1).pow(2).sum(),
+     torch.tensor([[float("-inf"), 1.0, 2.0], [float("-inf"), float("-inf"), 0.0]])),
+    ("logsumexp with -inf", lambda p: torch.logsumexp(p["x"], 1).sum(), torch.tensor([[float("-inf"), 1.0, 2.0]])),
+    ("empty tensor", lambda p: p["x"].sum() + p["x"].exp().sum() + p["x"].amax(1).sum(), torch.zeros(0, 3)),
+    ("mixed dtypes", lambda p: (p["x"] * torch.ones(3, dtype=torch.float32) + torch.ones(3, dtype=torch.float16)).sum(),
+     torch.randn(3)),
+])
+def test_infinities_masked_rows_empty_tensors_and_mixed_dtypes(name, fn, x):
+    _assert_exact_or_refused(fn, {"x": x.double()})

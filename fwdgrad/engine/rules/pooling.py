@@ -84,7 +84,9 @@ def _amax(s: PassState, x: Tensor, dim: Any = (), keepdim: bool = False) -> Tens
     tx = dense(s.tangent(x))
     if x.dim() == 0:  # a 0-dim tensor is its own maximum (and dim -1 would be the tangents' k dim below)
         return s.attach(out, tx)
-    d = dim if isinstance(dim, int) else tuple(dim)[0]
-    idx = torch.argmax(x, dim=d, keepdim=True)
-    t = tx.gather(tdim(d), idx.unsqueeze(0).expand(tx.shape[0], *idx.shape))
+    d = (dim if isinstance(dim, int) else tuple(dim)[0]) % x.dim()
+    # the tangent of the maximum, shared evenly among tied maxima (as torch's amax derivative): the mean of the
+    # tangents where x equals its maximum along d
+    mask = (x == torch.amax(x, dim=d, keepdim=True)).to(tx.dtype)
+    t = (tx * mask).sum(dim=tdim(d), keepdim=True) / mask.sum(dim=d, keepdim=True)
     return s.attach(out, t if keepdim else t.squeeze(tdim(d)))
