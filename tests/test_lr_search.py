@@ -94,12 +94,24 @@ def test_a_tiny_study_runs_log_spaced_trials_and_reports_the_best(tmp_path):
     ("interval(0.5, 0.5)", "empty or inverted"),
     ("interval(2, -2)", "empty or inverted"),
 ])
-def test_a_bad_search_interval_is_refused_before_optuna_starts(space, message, tmp_path):
+def test_a_bad_search_interval_is_refused(space, message):
+    from fwdgrad.app.cli import check_search_intervals
+
+    on_command_line = OmegaConf.create({"hydra": {"overrides": {"task": [f"optimization.learning_rate={space}"]}}})
+    in_the_config = OmegaConf.create({"hydra": {"sweeper": {"params": {"optimization.learning_rate": space}}}})
+    for cfg in (on_command_line, in_the_config):
+        with pytest.raises(ConfigError, match=message):
+            check_search_intervals(cfg)
+    check_search_intervals(OmegaConf.create({"hydra": {"sweeper": {"params": {  # a good one passes
+        "optimization.learning_rate": "tag(log, interval(1e-6, 1.0))"}}}}))
+
+
+def test_a_bad_search_interval_ends_the_script_before_optuna_starts(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "mnist_fwdgrad.py"), "-m", "hydra/sweeper=lr_search",
-                           f"optimization.learning_rate={space}", "dataset=digits"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                           "optimization.learning_rate=tag(log, interval(1e-1, 1e-3))", "dataset=digits"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out
     errors = [line for line in out.splitlines() if "[ERROR]" in line]
-    assert len(errors) == 1 and message in errors[0] and "optimization.learning_rate" in errors[0]
+    assert len(errors) == 1 and "empty or inverted" in errors[0] and "optimization.learning_rate" in errors[0]
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
