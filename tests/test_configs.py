@@ -183,7 +183,7 @@ def test_every_experiment_composes_and_instantiates_with_its_script(name: str, s
         assert cfg.optimization.optimizer._target_ == "torch.optim.SGD" and opt.param_groups[0]["lr"] == 5e-4
         assert cfg.optimization.epochs == 200 and cfg.optimization.max_steps is None
         assert cfg.optimization.scheduler.gamma == pytest.approx(math.exp(-1e-4), rel=1e-8)
-        assert cfg.dataset.normalize == "none"  # ToTensor()'s [0, 1] pixels, not standardised
+        assert cfg.dataset.normalize == "mnist"  # ToTensor() then Normalize((0.1307,), (0.3081,)), as its loader
 
 
 @pytest.mark.parametrize("name", ["mnist_fwdgrad", "mnist_backprop", "global_optim"])

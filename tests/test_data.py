@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gzip
 from pathlib import Path
 from urllib.error import URLError
@@ -142,9 +144,25 @@ def test_cifar10_missing_offline(tmp_path: Path):
     assert str(tmp_path / "cifar-10-batches-py") in str(err.value) and "data_batch_1" in str(err.value)
 
 
-def test_relative_root_is_taken_from_the_project():
-    assert data._resolve_root("data") == data.PROJECT_ROOT / "data"
-    assert data._resolve_root("/abs/path") == Path("/abs/path")
+def test_relative_root_is_taken_from_the_project(tmp_path, monkeypatch):
+    # the folder of the entry points and configs (a layout move once left it pointing inside the package)
+    assert (data.PROJECT_ROOT / "mnist_fwdgrad.py").is_file() and (data.PROJECT_ROOT / "configs").is_dir()
+    # through the public factory: a relative root is found from any working directory
+    _fake_mnist(tmp_path / "somewhere")
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(tmp_path / "somewhere", data.PROJECT_ROOT)
+    splits = data.mnist(root=relative, batch_size=4, download=False, test_set_split=10, split_seed=None)
+    assert splits.train_x.shape[0] == 40
+
+
+def test_a_plain_split_and_the_mnist_constants(tmp_path):
+    # split_seed=None: file order, the last N held out (the reference recipe's split); normalize=mnist: the
+    # fixed (0.1307, 0.3081) of torchvision's MNIST examples
+    _fake_mnist(tmp_path, n=50)
+    s = data.mnist(root=str(tmp_path), test_set_split=10, split_seed=None, normalize="mnist", download=False)
+    assert s.train_y.tolist() == [i % 10 for i in range(40)] and s.test_y.tolist() == [i % 10 for i in range(40, 50)]
+    assert s.mean == pytest.approx((0.1307,)) and s.std == pytest.approx((0.3081,))
+    torch.testing.assert_close(s.train_x[3], torch.full_like(s.train_x[3], (3 / 255 - 0.1307) / 0.3081))
 
 
 def test_digits_split_and_normalisation():

@@ -12,7 +12,8 @@ Sources
   ``KMNIST`` classes, read from ``<root>/<ClassName>/raw/`` (plain or ``.gz``). Missing files are downloaded
   with the torchvision class when ``download`` is true and the network is reachable.
   ``test_set_split=N`` uses *only* the official 10k test set (``t10k-*``): a fixed permutation seeded by
-  ``split_seed`` keeps ``N`` examples held out and trains on the rest. This is how the MNIST test set shipped
+  ``split_seed`` keeps ``N`` examples held out and trains on the rest (``split_seed: null``: a plain split in
+  file order, the last ``N`` held out). This is how the MNIST test set shipped
   beside the project (``../shared/data/mnist``, test files only) gives real digits offline.
 * ``cifar10``, ``svhn``: the files of torchvision's ``CIFAR10`` (``<root>/cifar-10-batches-py/``, python pickle
   batches) and ``SVHN`` (``<root>/{train,test}_32x32.mat``), downloaded by torchvision when missing and online,
@@ -70,10 +71,13 @@ log = logging.getLogger(__name__)
 
 #: Relative ``dataset.root`` values are taken relative to the project root (the folder of ``mnist_fwdgrad.py``),
 #: so ``root: data`` means ``<project>/data`` whatever the current directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "fwdgrad" / "__init__.py").is_file())
 OFFLINE_ALTERNATIVES = "dataset=digits or dataset=penguins"
 #: Values of every factory's ``normalize`` argument (``dataset.normalize``): see the module docstring.
-NORMALIZATIONS = ("standardize", "none")
+NORMALIZATIONS = ("standardize", "none", "mnist")
+#: ``normalize: mnist``: torchvision's MNIST constants (mean and std of the 60,000 training images' pixels in
+#: [0, 1]), as ``transforms.Normalize((0.1307,), (0.3081,))`` in the reference implementations' loaders.
+MNIST_MEAN_STD = (0.1307, 0.3081)
 
 
 @dataclass
@@ -193,21 +197,23 @@ def _normalise(train_x: Tensor, test_x: Tensor, how: str
     ``(mean, std)`` that maps them back, ``x_source = x * std + mean``.
 
     ``standardize``: per channel (dim 1) with statistics of the training split only. ``none``: unchanged
-    (``mean = 0``, ``std = 1``, so the plots' inverse is the identity).
+    (``mean = 0``, ``std = 1``, so the plots' inverse is the identity). ``mnist``: every channel with the fixed
+    :data:`MNIST_MEAN_STD`, whatever the split.
     """
     if how not in NORMALIZATIONS:
         raise ConfigError(
             f"unknown dataset.normalize {how!r}; allowed: {', '.join(NORMALIZATIONS)} (standardize: per "
             "channel with the training split's statistics; none: the source's own scale, e.g. pixels in "
-            "[0, 1])."
+            "[0, 1]; mnist: the fixed constants (0.1307, 0.3081) of torchvision's MNIST examples)."
         )
     dims = [d for d in range(train_x.dim()) if d != 1]
     if how == "standardize":
         mean = train_x.mean(dim=dims, keepdim=True)
         std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-8)
-    else:  # none
+    else:  # none, mnist: fixed constants
         shape = [1 if d in dims else train_x.shape[d] for d in range(train_x.dim())]
-        mean, std = torch.zeros(shape, dtype=train_x.dtype), torch.ones(shape, dtype=train_x.dtype)
+        m, sd = MNIST_MEAN_STD if how == "mnist" else (0.0, 1.0)
+        mean, std = torch.full(shape, m, dtype=train_x.dtype), torch.full(shape, sd, dtype=train_x.dtype)
     norm = lambda t: ((t - mean) / std).float().contiguous()  # noqa: E731
     return norm(train_x), norm(test_x), tuple(mean.flatten().tolist()), tuple(std.flatten().tolist())
 
@@ -252,13 +258,17 @@ def _finish(
     )
 
 
-def _split_one(x: Tensor, y: Tensor, held_out: int, seed: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Split one pool into (train, held-out) by a fixed permutation seeded by ``seed``."""
+def _split_one(x: Tensor, y: Tensor, held_out: int, seed: Optional[int]
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Split one pool into (train, held-out) by a fixed permutation seeded by ``seed``; ``seed=None``: a plain
+    split in file order, the first ``n - held_out`` for training and the last ``held_out`` held out."""
     n = x.shape[0]
     if not 0 < held_out < n:
         raise DatasetError(
             f"cannot hold out {held_out} of {n} examples; choose a number between 1 and {n - 1}."
         )
+    if seed is None:
+        return x[: n - held_out], y[: n - held_out], x[n - held_out:], y[n - held_out:]
     perm = _seeded_permutation(n, seed)
     test_idx, train_idx = perm[:held_out], perm[held_out:]
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
@@ -327,7 +337,7 @@ def _idx_dataset(
     batch_size: int,
     download: bool,
     test_set_split: Optional[int],
-    split_seed: int,
+    split_seed: Optional[int],
     limit_train: Optional[int],
     limit_test: Optional[int],
     normalize: str,
@@ -386,7 +396,7 @@ def mnist(
     batch_size: int = 64,
     download: bool = True,
     test_set_split: Optional[int] = None,
-    split_seed: int = 0,
+    split_seed: Optional[int] = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     normalize: str = "standardize",
@@ -406,7 +416,7 @@ def fashion_mnist(
     batch_size: int = 64,
     download: bool = True,
     test_set_split: Optional[int] = None,
-    split_seed: int = 0,
+    split_seed: Optional[int] = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     normalize: str = "standardize",
@@ -423,7 +433,7 @@ def kmnist(
     batch_size: int = 64,
     download: bool = True,
     test_set_split: Optional[int] = None,
-    split_seed: int = 0,
+    split_seed: Optional[int] = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     normalize: str = "standardize",
@@ -592,7 +602,7 @@ def svhn(
 def digits(
     batch_size: int = 64,
     test_fraction: float = 0.2,
-    split_seed: int = 0,
+    split_seed: Optional[int] = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     normalize: str = "standardize",
@@ -616,7 +626,7 @@ PENGUIN_FEATURES = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "bod
 def penguins(
     batch_size: int = 32,
     test_fraction: float = 0.2,
-    split_seed: int = 0,
+    split_seed: Optional[int] = 0,
     limit_train: Optional[int] = None,
     limit_test: Optional[int] = None,
     normalize: str = "standardize",

@@ -7,7 +7,6 @@ import logging
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
@@ -18,6 +17,7 @@ from fwdgrad import (
     ForwardGradient,
     estimate_module_grads,
 )
+from fwdgrad.experiments.data import PROJECT_ROOT
 from fwdgrad.nn.functional import cross_entropy
 from fwdgrad.nn.models import MLP
 from fwdgrad.perf.bench.timing import PeakMemory
@@ -35,7 +35,7 @@ from fwdgrad.perf.bench.workloads import (
 log = logging.getLogger("bench")
 #: The checkout this package lives in: the training-loop study composes its configs/ (the benchmark runs from a
 #: checkout, like every experiment), and reads the real digits from the shared/ folder beside it when present.
-CHECKOUT = Path(__file__).resolve().parents[3]
+CHECKOUT = PROJECT_ROOT
 
 
 def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.device) -> Dict[str, object]:
