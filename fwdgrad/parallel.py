@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -141,6 +141,30 @@ class DataParallelEstimator(GradientEstimator):
 
     def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         self.stats = CommStats()
+        devices = [t.device for t in as_param_dict(params)[0].values()]
+        before = _rng_states(devices)
+        result = self._compute(loss_fn, params)
+        self._share_randomness(before, devices)
+        return result
+
+    def _share_randomness(self, before: List[Tensor], devices: Sequence[torch.device]) -> None:
+        """One random stream for all the replicas: when any rank drew from torch's global generators during the
+        step (dropout in the loss), every rank continues from rank 0's state. Shards of different sizes (an
+        empty one, a short last batch) draw different amounts, and the ranks' streams would otherwise drift
+        apart for the rest of the run. A flag (not counted in :attr:`stats`) when nothing was drawn."""
+        if self.world_size == 1:
+            return
+        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+        if not self.any_rank(drew):
+            return
+        states = []
+        for state in _rng_states(devices):
+            on_device = state.to(self._device())  # nccl broadcasts device tensors only
+            dist.broadcast(on_device, src=0, group=self.group)
+            states.append(on_device.cpu())
+        _set_rng_states(states, devices)
+
+    def _compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         # An empty shard contributes exactly nothing: its loss, a mean over no rows, would be 0/0 = nan, and
         # nan * 0 is still nan. Every rank still joins the all-reduce (and draws the step's tangents, which
         # keeps the ranks' generators in step).
@@ -182,6 +206,21 @@ class DataParallelEstimator(GradientEstimator):
         packed = self._all_reduce(packed)
         loss, d = packed[0].to(loss_dtype), packed[1:].to(d_dtype)
         return loss, from_param_dict(est.estimate(draw, d), single)
+
+
+def _cuda_devices(devices: Sequence[torch.device]) -> List[torch.device]:
+    return sorted({d for d in devices if d.type == "cuda"}, key=str)
+
+
+def _rng_states(devices: Sequence[torch.device]) -> List[Tensor]:
+    """The CPU generator's state, then each CUDA device's (byte tensors on the CPU)."""
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(devices)]
+
+
+def _set_rng_states(states: List[Tensor], devices: Sequence[torch.device]) -> None:
+    torch.set_rng_state(states[0])
+    for state, d in zip(states[1:], _cuda_devices(devices)):
+        torch.cuda.set_rng_state(state, d)
 
 
 def _num_tangents(tangent: Any) -> int:
