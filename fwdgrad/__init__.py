@@ -22,9 +22,9 @@ guesses) estimate from the model itself, through ``estimate_module_grads``; mode
 The parts (tangents, rng, aggregation, memory policy, backends) are in :mod:`fwdgrad.estimators`.
 
 Importing fwdgrad changes nothing outside it: no environment variable, no torch attribute, no logging handler,
-no matplotlib backend, no OmegaConf resolver; the public names load on first use. Its core needs torch alone; the experiments (``fwdgrad.experiments``,
-``fwdgrad.app``) need the ``experiments`` extra. Process settings (OpenMP's spin, malloc) are opt-in, in
-:mod:`fwdgrad.perf`.
+no matplotlib backend, no OmegaConf resolver; the public names load on first use. Its core needs torch alone;
+the experiments (``fwdgrad.experiments``, ``fwdgrad.app``) need the ``experiments`` extra. Process settings
+(OpenMP's spin, malloc) are opt-in, in :mod:`fwdgrad.perf`.
 """
 
 from typing import TYPE_CHECKING, Any
