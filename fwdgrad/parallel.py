@@ -38,6 +38,7 @@ from fwdgrad.estimators import (
     as_param_dict,
     from_param_dict,
 )
+from fwdgrad.estimators.step_randomness import rng_states, set_rng_states
 
 __all__ = ["CommStats", "DataParallelEstimator"]
 
@@ -142,7 +143,7 @@ class DataParallelEstimator(GradientEstimator):
     def compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         self.stats = CommStats()
         devices = [t.device for t in as_param_dict(params)[0].values()]
-        before = _rng_states(devices)
+        before = rng_states(devices)
         result = self._compute(loss_fn, params)
         self._share_randomness(before, devices)
         return result
@@ -154,15 +155,15 @@ class DataParallelEstimator(GradientEstimator):
         apart for the rest of the run. A flag (not counted in :attr:`stats`) when nothing was drawn."""
         if self.world_size == 1:
             return
-        drew = any(not torch.equal(a, b) for a, b in zip(before, _rng_states(devices)))
+        drew = any(not torch.equal(a, b) for a, b in zip(before, rng_states(devices)))
         if not self.any_rank(drew):
             return
         states = []
-        for state in _rng_states(devices):
+        for state in rng_states(devices):
             on_device = state.to(self._device())  # nccl broadcasts device tensors only
             dist.broadcast(on_device, src=0, group=self.group)
             states.append(on_device.cpu())
-        _set_rng_states(states, devices)
+        set_rng_states(states, devices)
 
     def _compute(self, loss_fn: LossFn, params: Params) -> Tuple[Tensor, Params]:
         # An empty shard contributes exactly nothing: its loss, a mean over no rows, would be 0/0 = nan, and
@@ -206,21 +207,6 @@ class DataParallelEstimator(GradientEstimator):
         packed = self._all_reduce(packed)
         loss, d = packed[0].to(loss_dtype), packed[1:].to(d_dtype)
         return loss, from_param_dict(est.estimate(draw, d), single)
-
-
-def _cuda_devices(devices: Sequence[torch.device]) -> List[torch.device]:
-    return sorted({d for d in devices if d.type == "cuda"}, key=str)
-
-
-def _rng_states(devices: Sequence[torch.device]) -> List[Tensor]:
-    """The CPU generator's state, then each CUDA device's (byte tensors on the CPU)."""
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(devices)]
-
-
-def _set_rng_states(states: List[Tensor], devices: Sequence[torch.device]) -> None:
-    torch.set_rng_state(states[0])
-    for state, d in zip(states[1:], _cuda_devices(devices)):
-        torch.cuda.set_rng_state(state, d)
 
 
 def _num_tangents(tangent: Any) -> int:

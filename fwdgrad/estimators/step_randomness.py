@@ -13,11 +13,29 @@ the step the generators stand where one pass leaves them, as after a backprop st
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, List, Sequence
 
 import torch
+from torch import Tensor
 
-__all__ = ["SameRandomness", "randomness_untouched"]
+__all__ = ["SameRandomness", "randomness_untouched", "rng_states", "set_rng_states"]
+
+
+def _cuda_devices(devices: Iterable[torch.device]) -> List[torch.device]:
+    return sorted({d for d in devices if d.type == "cuda"}, key=str)
+
+
+def rng_states(devices: Iterable[torch.device]) -> List[Tensor]:
+    """The global generators' states: the CPU's, then each CUDA device's among ``devices`` (byte tensors on the
+    CPU, in a fixed order)."""
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda_devices(devices)]
+
+
+def set_rng_states(states: Sequence[Tensor], devices: Iterable[torch.device]) -> None:
+    """Set what :func:`rng_states` returned for the same ``devices``."""
+    torch.set_rng_state(states[0])
+    for state, d in zip(states[1:], _cuda_devices(devices)):
+        torch.cuda.set_rng_state(state, d)
 
 
 class SameRandomness:
@@ -25,13 +43,11 @@ class SameRandomness:
     each later pass of the step."""
 
     def __init__(self, devices: Iterable[torch.device]) -> None:
-        self._cpu = torch.get_rng_state()
-        self._cuda = {d: torch.cuda.get_rng_state(d) for d in set(devices) if d.type == "cuda"}
+        self._devices = list(devices)
+        self._states = rng_states(self._devices)
 
     def restore(self) -> None:
-        torch.set_rng_state(self._cpu)
-        for device, state in self._cuda.items():
-            torch.cuda.set_rng_state(state, device)
+        set_rng_states(self._states, self._devices)
 
 
 @contextlib.contextmanager
