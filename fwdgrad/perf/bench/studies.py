@@ -33,9 +33,6 @@ from fwdgrad.perf.bench.workloads import (
 )
 
 log = logging.getLogger("bench")
-#: The checkout this package lives in: the training-loop study composes its configs/ (the benchmark runs from a
-#: checkout, like every experiment), and reads the real digits from the shared/ folder beside it when present.
-CHECKOUT = PROJECT_ROOT
 
 
 def deep_mlp_memory(args: argparse.Namespace, mem: PeakMemory, device: torch.device) -> Dict[str, object]:
@@ -123,7 +120,9 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
     from fwdgrad.experiments.data import iterate_batches
     from fwdgrad.experiments.training import train
 
-    shared = CHECKOUT.parent / "shared" / "data" / "mnist"
+    # the checkout's configs/ (the benchmark runs from a checkout, like every experiment), and the real digits
+    # from the shared/ folder beside it when present
+    shared = PROJECT_ROOT.parent / "shared" / "data" / "mnist"
     batch = 32 if args.quick else 256
     data = (["dataset=mnist", f"dataset.root={shared}", "dataset.test_set_split=2000"]
             if (shared / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file() else ["dataset=digits"])
@@ -131,7 +130,7 @@ def training_loop_overhead(args: argparse.Namespace, rounds: int = 3, steps: int
                  "progress_bar=false", "plot_misclassified=0", "device=cpu"]
     if args.quick:
         overrides.append("model.hidden_sizes=[64,64]")
-    with initialize_config_dir(config_dir=str(CHECKOUT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base="1.3"):
         cfg = compose("mnist_fwdgrad", overrides=overrides)
     splits = instantiate(cfg.dataset)
     torch.manual_seed(0)
