@@ -11,12 +11,39 @@ from torch import nn
 from torch.func import functional_call
 
 from fwdgrad import Backprop
+from fwdgrad.estimators import TangentDistribution, TangentDraw
 from fwdgrad.nn.functional import cross_entropy
 from fwdgrad.experiments.global_optim.functions import Beale, Rosenbrock
 from fwdgrad.nn.models import MLP, ConvNet, LogisticRegression
 
 Z = 4.5
 DT = torch.float64
+
+
+class UnitBasis(TangentDistribution):
+    """k >= M tangents e_1..e_M over the concatenated entries of every tangent-shaped tensor, then zeros: with
+    ``aggregation="sum"`` a forward gradient is ``sum_i <grad, e_i> e_i``, the gradient itself. ``per_example``:
+    the tensors are activities ``(N, *units)`` (activity perturbation) and every example gets the same basis of
+    its units; otherwise they are parameters. Register it under a name while a test uses it (tests elsewhere
+    run over every registered distribution)."""
+
+    def __init__(self, per_example: bool) -> None:
+        self.per_example = per_example
+
+    def draw(self, params, k, ctx):
+        shapes = [t.shape[1:] if self.per_example else t.shape for t in params.values()]
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        assert k >= sum(sizes), (k, sizes)
+        eye = torch.eye(k, dtype=DT)
+        out, start = {}, 0
+        for (name, t), shape, m in zip(params.items(), shapes, sizes):
+            block = eye[:, start:start + m]
+            if self.per_example:
+                out[name] = block.reshape(k, 1, *shape).expand(k, *t.shape).contiguous()
+            else:
+                out[name] = block.reshape(k, *shape).contiguous()
+            start += m
+        return TangentDraw(out)
 
 
 def mlp_problem(seed: int = 0):

@@ -20,11 +20,11 @@ from typing import Dict
 
 import pytest
 import torch
-from estimator_problems import DT, Z
+from estimator_problems import DT, Z, UnitBasis
 
 from fwdgrad import Backprop, ForwardActivity, ForwardGradient, estimate_module_grads
 from fwdgrad.errors import ConfigError
-from fwdgrad.estimators import TANGENT_DISTRIBUTIONS, TangentDistribution, TangentDraw
+from fwdgrad.estimators import TANGENT_DISTRIBUTIONS
 from fwdgrad.estimators.local import LocalObjective
 from fwdgrad.estimators.activity.sites import local_sites, model_sites, probe, trainable_layers
 from fwdgrad.nn.functional import per_example_cross_entropy
@@ -34,26 +34,10 @@ from fwdgrad.nn.models import MLP, ConvNet
 BASIS = "test_activity_basis"
 
 
-class ActivityBasis(TangentDistribution):
-    """k = M tangents e_1..e_M over the concatenated units of every "parameter" (here: every perturbed layer's
-    (N, *units) output), the same for every example: an orthonormal basis of each example's activity space."""
-
-    def draw(self, params, k, ctx):
-        sizes = [t[0].numel() for t in params.values()]
-        assert k == sum(sizes), (k, sizes)
-        eye = torch.eye(k, dtype=DT)
-        out, start = {}, 0
-        for (name, t), m in zip(params.items(), sizes):
-            block = eye[:, start:start + m].reshape(k, 1, *t.shape[1:])
-            out[name] = block.expand(k, *t.shape).contiguous()
-            start += m
-        return TangentDraw(out)
-
-
 @pytest.fixture
 def activity_basis():
     """The basis, registered only while a test uses it: tests elsewhere run over every registered distribution."""
-    TANGENT_DISTRIBUTIONS[BASIS] = ActivityBasis()
+    TANGENT_DISTRIBUTIONS[BASIS] = UnitBasis(per_example=True)
     yield BASIS
     del TANGENT_DISTRIBUTIONS[BASIS]
 

@@ -40,7 +40,7 @@ from fwdgrad.estimators.base import (
 )
 from fwdgrad.estimators.local import LocalObjective
 from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
-from fwdgrad.nn.local_losses import LocalBlock, local_blocks
+from fwdgrad.nn.local_losses import LocalBlock, local_blocks, require_detached
 
 __all__ = ["LocalGuess", "GUESS_SCOPES"]
 
@@ -96,6 +96,7 @@ class LocalGuess(GradientEstimator):
             raise ConfigError(
                 "gradient=forward_guess needs guesses from local losses: set model.local_losses=true."
             )
+        require_detached(blocks, "gradient=forward_guess")
         loss, grads = self._guesses(model, blocks, loss_of_output, inputs)
         groups = projected_groups(model, blocks, self.scope)
         if groups:

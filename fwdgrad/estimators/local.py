@@ -29,17 +29,17 @@ from torch.func import functional_call
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.base import GradientEstimator, OutputLoss, mean_loss, write_grads
 from fwdgrad.estimators.step_randomness import SameRandomness
-from fwdgrad.nn.local_losses import LocalBlock
+from fwdgrad.nn.local_losses import LocalBlock, require_detached
 
 __all__ = ["estimate_local_grads", "local_objective", "LocalObjective"]
 
 
 def local_objective(blocks: Sequence[LocalBlock], x: Tensor, loss_of_output: OutputLoss) -> Tensor:
     """``L_last + sum_{j < last} (L_j - sg(L_j))``: the output layer's loss in value, the gradient of the sum of
-    the blocks' local losses (each block's input detached)."""
+    the blocks' local losses (each block's input detached unless the block says otherwise: ``L-BP``)."""
     h, total, extra = x, None, None
     for blk in blocks:
-        h = blk.body(h.detach())
+        h = blk.body(h.detach() if blk.detach else h)
         total = mean_loss(loss_of_output(blk.head(h)))
         if blk is not blocks[-1]:
             live = total - total.detach()  # zero in value, L_j in gradient
@@ -77,6 +77,7 @@ def estimate_local_grads(
         loss, grads = estimator(lambda p: functional_call(wrapper, p, (x,)), params)
         write_grads(wrapper, grads)
         return loss
+    require_detached(blocks, type(estimator).__name__)
     # Every block's input by one no-grad pass through the bodies, with the random state before each body: block j's
     # own call replays it, so that its dropout masks are those of the chain (one random stream per step, as in
     # the single call on the sum).

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from fwdgrad.errors import ConfigError
 
-__all__ = ["SpatialMean", "LocalBlock", "aux_head", "head_linear", "group_logits", "local_blocks", "check_groups"]
+__all__ = ["SpatialMean", "TokenMean", "LocalBlock", "aux_head", "head_linear", "group_logits", "replicated_logits",
+           "local_blocks", "check_groups", "require_detached"]
 
 
 class SpatialMean(nn.Module):
@@ -59,20 +60,82 @@ def head_linear(head: nn.Module) -> nn.Linear:
 
 class LocalBlock(nn.Module):
     """One block of a network trained with local losses: ``body`` (the model's own layers) and ``head`` (its
-    classifier), whose input is detached from the previous block by the caller.
+    classifier).
 
-    ``forward(h)`` returns the head's logits ``head(body(h))``; ``groups`` is the number of unit groups of the
-    head's input features (1: one loss per block).
+    ``forward(h)`` returns the head's logits ``head(body(h))``.
+
+    * ``groups``: unit groups of the head's input features (1: one loss per block).
+    * ``patches``: 0 for features ``(N, F)`` or ``(N, C, H, W)`` (groups along dim 1); P for token features
+      ``(N, P, D)`` read by a head ``(TokenMean, Linear)`` (groups along the last dim), with one loss per patch
+      (patch-wise losses) when P > 1 (:func:`replicated_logits`).
+    * ``detach``: the block's input is detached from the previous block (block-wise losses, the default); False
+      lets a loss's gradient flow into earlier blocks (only an estimator that differentiates the sum of the
+      local losses in one call can follow that: backprop, "L-BP").
+    * ``answers``: for a model that declares it, which loss rows each perturbed layer's output units answer to
+      (``(layer, "group" | "patch")``: the rows of the unit's own group and patch, or every group's row of its
+      patch); None: every body layer's units answer to their own group's row (one layer per block when grouped).
     """
 
-    def __init__(self, body: nn.Sequential, head: nn.Module, groups: int = 1) -> None:
+    def __init__(self, body: nn.Sequential, head: nn.Module, groups: int = 1, patches: int = 0,
+                 detach: bool = True, answers: Optional[Sequence[Tuple[nn.Module, str]]] = None) -> None:
         super().__init__()
         self.body = body
         self.head = head
         self.groups = int(groups)
+        self.patches = int(patches)
+        self.detach = bool(detach)
+        self.answers = None if answers is None else tuple(answers)  # a tuple: the layers are not registered twice
+
+    @property
+    def rows(self) -> int:
+        """The number of local losses of the block: one per (patch, group)."""
+        return self.groups * max(self.patches, 1)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.head(self.body(h))
+
+    def row_logits(self, h: Tensor, logits: Tensor) -> Tensor:
+        """The logits of each of the block's losses, ``(rows, N, C)``, from the body's output ``h`` and the head's
+        ``logits``: every row equals ``logits`` in value; only its own units are live (module docstring)."""
+        linear = head_linear(self.head)
+        if self.patches:
+            return replicated_logits(h, logits, linear, self.groups, self.patches > 1)
+        features = h if linear is self.head else self.head[:-1](h)
+        return group_logits(features, logits, linear, self.groups)
+
+
+class TokenMean(nn.Module):
+    """``(N, P, D) -> (N, D)``: the mean over the tokens (patches), the feature aggregator of a token model's
+    head."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1)
+
+
+def replicated_logits(h: Tensor, logits: Tensor, linear: nn.Linear, groups: int, patchwise: bool) -> Tensor:
+    """The logits of the patch- and group-wise losses with the replicated feature aggregator (Ren et al. 2023,
+    Sec. 4), ``(P G, N, C)`` row ``p G + g`` (``(G, N, C)`` when not ``patchwise``).
+
+    For the head ``logits = mean_p(h_p) W^T + b`` on token features ``h`` ``(N, P, D)``, the loss of patch p and
+    group g sees every other patch and group through a stop-gradient:
+
+        logits_{p,g} = live_{p,g} + sg(logits - live_{p,g}),   live_{p,g} = (1/P) h_{p,g} W_g^T + b / (P G)
+
+    so every row equals the global-pool logits in value, and the live parts add up to them
+    (``sum_{p,g} live_{p,g} = logits``): the sum of the P G losses has exactly the gradient of the global-pool
+    loss, while a perturbation of patch p's group-g units moves only loss (p, g). Only the ``(P, G, N, C)``
+    live parts are formed (one batched product), never P G copies of the features."""
+    n, p, d = h.shape
+    w, b = linear.weight, linear.bias
+    hg = h.reshape(n, p, groups, d // groups).permute(1, 2, 0, 3)  # (P, G, N, D/G)
+    wg = w.reshape(w.shape[0], groups, d // groups).permute(1, 2, 0)  # (G, D/G, C)
+    live = torch.matmul(hg, wg) / p  # (P, G, N, C)
+    if b is not None:
+        live = live + b / (p * groups)
+    if not patchwise:
+        live = live.sum(0, keepdim=True)  # one loss per group: every patch of the group is live
+    rows = live.reshape(-1, n, live.shape[-1])
+    return rows + (logits - rows).detach()
 
 
 def build_blocks(bodies: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module], groups: int
@@ -125,6 +188,17 @@ def local_blocks(model: nn.Module) -> Optional[Tuple[LocalBlock, ...]]:
     if make is None:
         raise ConfigError(
             f"{type(model).__name__} has local_losses set but no local_blocks(); local losses are available for "
-            "model=mlp and model=conv."
+            "model=mlp, model=conv and model=local_mixer."
         )
     return make()
+
+
+def require_detached(blocks: Sequence[LocalBlock], estimator: str) -> None:
+    """Refuse blocks whose input is not detached for an estimator that estimates each block's loss on its own (a
+    loss that reaches earlier blocks would need their parameters too)."""
+    if not all(blk.detach for blk in blocks):
+        raise ConfigError(
+            f"{estimator} estimates every block's own local loss, which needs the blocks detached from each other "
+            "(model.local_detach=true, block-wise losses); with local_detach=false (gradients flowing end to end, "
+            "\"L-BP\") use gradient=backprop."
+        )

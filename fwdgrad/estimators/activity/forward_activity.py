@@ -48,7 +48,7 @@ from fwdgrad.estimators.memory_policy import TangentMemoryPolicy
 from fwdgrad.estimators.step_randomness import SameRandomness, randomness_untouched
 from fwdgrad.estimators.tangents.distributions import TANGENT_DISTRIBUTIONS, DrawContext, dense_tangent
 from fwdgrad.estimators.tangents.rng import ChunkedRNG, SeededGenerators
-from fwdgrad.nn.local_losses import LocalBlock, group_logits, head_linear, local_blocks
+from fwdgrad.nn.local_losses import LocalBlock, local_blocks, require_detached
 
 __all__ = ["ForwardActivity", "ACTIVITY_AGGREGATIONS", "per_example_coefficients"]
 
@@ -116,6 +116,8 @@ class ForwardActivity(PassStateDict, SeededGenerators, GradientEstimator):
     def estimate_module(self, model: nn.Module, loss_of_output: OutputLoss, inputs: Tuple[Tensor, ...]) -> Tensor:
         """Write the FG-A estimate into every trainable parameter's ``.grad``; returns the output layer's loss."""
         blocks = local_blocks(model)
+        if blocks is not None:
+            require_detached(blocks, "gradient=forward_activity")
         sites, shapes = self._structure(model, blocks, inputs[0])
         perturbed = [s for s in sites if s.perturbed]
         x0 = inputs[0]
@@ -196,25 +198,17 @@ def _perturbed_losses(model: nn.Module, blocks: Optional[Sequence[LocalBlock]], 
         rows, h = [], inputs[0]
         for blk in blocks:
             h = blk.body(h.detach())  # detached: tangents stop at the block boundary
-            blk.head(h)
-            features, logits = records[sites_head(sites, blk).name]
-            grouped = group_logits(features, logits, head_linear(blk.head), blk.groups)  # (G, N, C)
-            rows.append(_per_example(loss_of_output(grouped), h.shape[0], blk.groups))
+            grouped = blk.row_logits(h, blk.head(h))  # (rows, N, C): one per unit group (and patch)
+            rows.append(_per_example(loss_of_output(grouped), h.shape[0], blk.rows))
         return torch.cat(rows)
     finally:
         for handle in handles:
             handle.remove()
 
 
-def sites_head(sites: Sequence[Site], blk: LocalBlock) -> Site:
-    """The exact site of ``blk``'s head."""
-    linear = head_linear(blk.head)
-    return next(s for s in sites if s.module is linear)
-
-
 def _per_example(loss: Tensor, n: int, groups: int) -> Tensor:
-    """``loss`` checked to be ``(groups, n)``: one loss per example (and unit group, the loss function having
-    been given the groups' logits stacked in front, ``(groups, n, C)``)."""
+    """``loss`` checked to be ``(groups, n)``: one loss per example (and local loss row: unit group and patch, the
+    loss function having been given the rows' logits stacked in front, ``(groups, n, C)``)."""
     if loss.shape != (groups, n):
         raise ConfigError(
             f"activity perturbation needs one loss per example{' and unit group' if groups > 1 else ''} (shape "
@@ -238,8 +232,20 @@ def per_example_coefficients(aggregation: str, sites: Sequence[Site], tangents: 
     n = d.shape[2]
     gram = torch.zeros(n, rows, k, k, dtype=torch.float64, device=d.device)
     for s in sites:
-        u = tangents[s.name].reshape(k, n, s.groups, -1).permute(1, 2, 0, 3).to(torch.float64)  # (N, G, k, X)
-        gram[:, s.row:s.row + s.groups] += u @ u.transpose(-1, -2)
+        if not s.patches:
+            u = tangents[s.name].reshape(k, n, s.groups, -1).permute(1, 2, 0, 3).to(torch.float64)  # (N, G, k, X)
+            gram[:, s.row:s.row + s.groups] += u @ u.transpose(-1, -2)
+            continue
+        # token layout: the units answering to row (p', g) are those of patch p' (all patches when one loss covers
+        # them) and group g (all groups for a "patch" unit): (N, P', G', k, X), then added to every row they reach
+        t = tangents[s.name]
+        p_all, width = t.shape[2], t.shape[3]
+        pr = s.patches if s.patches > 1 else 1
+        gr = s.groups if s.answers == "group" else 1
+        u = t.reshape(k, n, pr, p_all // pr, gr, width // gr).permute(1, 2, 4, 0, 3, 5)
+        u = u.reshape(n, pr, gr, k, -1).to(torch.float64)
+        block = gram[:, s.row:s.row + s.rows].view(n, pr, s.groups, k, k)
+        block += u @ u.transpose(-1, -2)  # broadcast over the groups when gr = 1
     rhs = d.permute(2, 1, 0).to(torch.float64).unsqueeze(-1)  # (N, rows, k, 1)
     chol, info = torch.linalg.cholesky_ex(gram)
     if bool((info == 0).all()):
@@ -252,10 +258,18 @@ def per_example_coefficients(aggregation: str, sites: Sequence[Site], tangents: 
 def _estimate(site: Site, u: Tensor, coeff: Tensor, z: Tensor) -> Tensor:
     """``g_z[b] = sum_i c[i, row(unit), b] u[i, b, unit]``, zero where a following ReLU is inactive."""
     k, n, ch = u.shape[0], u.shape[1], u.shape[2]
-    c = coeff[:, site.row:site.row + site.groups, :].permute(0, 2, 1)  # (k, N, G)
-    if site.groups > 1:
-        c = c.repeat_interleave(ch // site.groups, dim=2)  # (k, N, channels)
-    c = c.reshape(k, n, c.shape[2], *([1] * (u.dim() - 3)))
+    if site.patches:  # token layout (k, N, P, D): coefficients (k, N, P', G) with P' = P or 1
+        pr = site.patches if site.patches > 1 else 1
+        c = coeff[:, site.row:site.row + site.rows, :].permute(0, 2, 1).reshape(k, n, pr, site.groups)
+        if site.answers == "patch":
+            c = c.sum(3, keepdim=True)  # the unit reaches every group's loss of its patch
+        elif site.groups > 1:
+            c = c.repeat_interleave(u.shape[3] // site.groups, dim=3)  # (k, N, P', D)
+    else:
+        c = coeff[:, site.row:site.row + site.groups, :].permute(0, 2, 1)  # (k, N, G)
+        if site.groups > 1:
+            c = c.repeat_interleave(ch // site.groups, dim=2)  # (k, N, channels)
+        c = c.reshape(k, n, c.shape[2], *([1] * (u.dim() - 3)))
     g = (u[0] * c[0]) if k == 1 else (u * c).sum(0)
     if site.relu_after:  # ReLU's own backward rule: g where z > 0, else 0 (one fused pass; masked_fill_ is ~10x slower)
         g = torch.ops.aten.threshold_backward(g, z, 0)

@@ -9,6 +9,10 @@ own gradient follows from its local rule, without any backward pass through the 
 
 (the weight gradient of a convolution from its input and output gradient: ``torch.nn.grad.conv2d_weight``).
 
+A layer with a norm inside it (:class:`~fwdgrad.nn.models.local_mixer.NormLinear`, ``TokenMixing``: a linear map and
+a layer norm, perturbed after the norm) has for local rule the vector-Jacobian product of that one layer, a
+backward pass through its own linear map and norm (as Ren et al. compute the norms' gradients), never beyond it.
+
 A site whose output goes straight into a ReLU (the next module of an ``nn.Sequential``) has ``dL/dz = 0``
 wherever ``z <= 0``; the estimate is masked there, which keeps it unbiased and removes the noise of the inactive
 units (Ren et al. 2023 do the same).
@@ -26,10 +30,12 @@ from torch.overrides import TorchFunctionMode
 from fwdgrad.errors import ConfigError
 from fwdgrad.estimators.step_randomness import SameRandomness
 from fwdgrad.nn.local_losses import LocalBlock, head_linear
+from fwdgrad.nn.models.local_mixer import NormLinear, TokenMixing
 
 __all__ = ["Site", "probe", "trainable_layers", "model_sites", "local_sites", "layer_grads", "unused_layers"]
 
-SITE_TYPES = (nn.Linear, nn.Conv2d)
+SITE_TYPES = (nn.Linear, nn.Conv2d, NormLinear, TokenMixing)
+NORMED_SITES = (NormLinear, TokenMixing)  # local rule: the layer's own vector-Jacobian product
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,6 +45,11 @@ class Site:
     ``row``/``groups``: its output units (dim 1: features or channels) are split into ``groups`` contiguous
     groups, group g answering to row ``row + g`` of the ``(rows, N)`` per-example losses. ``exact``: an output
     layer (the model's, or a local head), whose activity gradient is the loss's own derivative: no tangent.
+
+    Token layout (``patches >= 1``: outputs ``(N, P, D)``, a block with patch-wise losses): the rows are
+    ``row + p' groups + g`` for ``p' < patches`` (``patches`` is P with one loss per patch, 1 otherwise) and the
+    groups split the last dim; ``answers`` is ``"group"`` (a unit answers to its own patch's and group's row) or
+    ``"patch"`` (to every group's row of its patch).
     """
 
     name: str
@@ -47,6 +58,12 @@ class Site:
     relu_after: bool = False
     row: int = 0
     groups: int = 1
+    patches: int = 0
+    answers: str = "group"
+
+    @property
+    def rows(self) -> int:
+        return self.groups * max(self.patches, 1)
 
     @property
     def perturbed(self) -> bool:
@@ -78,7 +95,8 @@ def _check_coverage(model: nn.Module, sites: Sequence[Site]) -> None:
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             raise ConfigError(
-                f"activity perturbation estimates the parameters of nn.Linear and nn.Conv2d layers only, but "
+                f"activity perturbation estimates the parameters of nn.Linear and nn.Conv2d layers (and LocalMixer's "
+                f"NormLinear and TokenMixing) only, but "
                 f"{name} belongs to another module; use another estimator for this model (e.g. "
                 "gradient=forward), or freeze that parameter."
             )
@@ -287,23 +305,35 @@ def model_sites(model: nn.Module, exact_output_layer: bool, order: Sequence[str]
 
 def local_sites(model: nn.Module, blocks: Sequence[LocalBlock]) -> List[Site]:
     """The sites of a model trained with local losses: every body layer perturbed, answering to its block's
-    rows (one per unit group), and every head's linear layer exact."""
+    rows (one per unit group and patch, as the block declares: :class:`~fwdgrad.nn.local_losses.LocalBlock`),
+    and every head's linear layer exact."""
     names = {id(m): n for n, m in model.named_modules()}
     fed = _relu_fed([blk.body for blk in blocks])
     sites, row = [], 0
     for j, blk in enumerate(blocks):
         body = [m for m in blk.body.modules() if isinstance(m, SITE_TYPES)]
-        if blk.groups > 1 and len(body) != 1:
-            raise ConfigError(
-                f"model.local_groups={blk.groups} needs exactly one linear/conv layer per block (block {j} has "
-                f"{len(body)}): a group's loss must depend on its own units only."
-            )
+        if blk.answers is None:
+            if blk.groups > 1 and len(body) != 1:
+                raise ConfigError(
+                    f"model.local_groups={blk.groups} needs exactly one linear/conv layer per block (block {j} has "
+                    f"{len(body)}): a group's loss must depend on its own units only."
+                )
+            answers = {id(m): "group" for m in body}
+        else:
+            answers = {id(m): a for m, a in blk.answers}
+            undeclared = [names[id(m)] for m in body if answers.get(id(m)) not in ("group", "patch")]
+            if undeclared:
+                raise ConfigError(
+                    f"block {j} of {type(model).__name__} does not declare which losses the units of "
+                    f"{', '.join(undeclared)} answer to ('group' or 'patch' in its LocalBlock's answers)."
+                )
         for m in body:
             _check_layer(names[id(m)], m)
-            sites.append(Site(names[id(m)], m, relu_after=id(m) in fed, row=row, groups=blk.groups))
+            sites.append(Site(names[id(m)], m, relu_after=id(m) in fed, row=row, groups=blk.groups,
+                              patches=blk.patches, answers=answers[id(m)]))
         head = head_linear(blk.head)
         sites.append(Site(names[id(head)], head, exact=True, row=row))
-        row += blk.groups
+        row += blk.rows
     _check_coverage(model, sites)
     return sites
 
@@ -312,6 +342,12 @@ def layer_grads(module: nn.Module, x: Tensor, gz: Tensor) -> Dict[str, Tensor]:
     """The layer's parameter gradients from its input ``x`` and the (estimated) gradient ``gz`` of its output
     (the local rules of the module docstring)."""
     out: Dict[str, Tensor] = {}
+    if isinstance(module, NORMED_SITES):
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in module.named_parameters(recurse=False)
+                      if p.requires_grad}
+            z = torch.func.functional_call(module, leaves, (x.detach(),))
+            return dict(zip(leaves, torch.autograd.grad(z, list(leaves.values()), gz)))
     if isinstance(module, nn.Linear):
         m, n = module.out_features, module.in_features
         g2, x2 = gz.reshape(-1, m), x.reshape(-1, n)
@@ -327,6 +363,6 @@ def layer_grads(module: nn.Module, x: Tensor, gz: Tensor) -> Dict[str, Tensor]:
 
 
 def unused_layers(model: nn.Module, sites: Sequence[Site]) -> List[nn.Module]:
-    """Trainable linear/conv layers that are not sites: the loss does not depend on them (gradient zero)."""
+    """Trainable layers of the site types that are not sites: the loss does not depend on them (gradient zero)."""
     used = {id(s.module) for s in sites}
     return [m for _, m in trainable_layers(model) if id(m) not in used]
