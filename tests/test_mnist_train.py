@@ -16,7 +16,7 @@ from mnist_helpers import TINY, compose_cfg, read_history, read_metrics
 
 
 @pytest.mark.parametrize("script", ["mnist_fwdgrad", "mnist_backprop"])
-@pytest.mark.parametrize("model", ["logreg", "mlp", "conv"])
+@pytest.mark.parametrize("model", ["logreg", "mlp", "conv", "local_mixer"])
 def test_one_short_epoch_of_every_model_with_every_estimator(script: str, model: str, tmp_path: Path):
     # 96 training examples in batches of 32: one epoch is three steps of the real default models.
     cfg = compose_cfg(script, [*TINY, f"model={model}", "dataset.limit_train=96", "dataset.limit_test=64",
@@ -82,6 +82,8 @@ def test_a_run_writes_the_contract_files(tmp_path: Path):
     splits = instantiate(cfg.dataset)
     accuracy = float((model(splits.test_x).argmax(1) == splits.test_y).float().mean())
     assert accuracy == pytest.approx(m["final_test_accuracy"])
+    train_accuracy = float((model(splits.train_x).argmax(1) == splits.train_y).float().mean())
+    assert train_accuracy == pytest.approx(m["final_train_accuracy"])  # the whole training set, at the end
 
     # plots.png: a real PNG, taller than the curves alone because of the misclassified-image grid.
     import matplotlib.image

@@ -98,6 +98,7 @@ class TrainingConfig(EntryPointConfig):
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     resume: Optional[str] = None
     frog_fc: Any = None  #: ``+experiment/frog_fc=...``: the grid's width and published learning rates (interpolated)
+    local_mixer: Any = None  #: ``+experiment=local_mixer_*/...``: the model size and the swept learning rates (interpolated)
 
 
 @dataclass

@@ -40,7 +40,7 @@ from fwdgrad.perf.memory import RssPeak, tune_malloc
 from fwdgrad.app.rundir import claim_output_dir
 from fwdgrad.app.schema import TrainingConfig, validate_config
 from fwdgrad.experiments.training.factory import Components, Settings, build_components, read_settings
-from fwdgrad.experiments.training.loop import TrainState, finite_or_none, fit
+from fwdgrad.experiments.training.loop import TrainState, evaluate, finite_or_none, fit
 from fwdgrad.experiments.training.recorder import Recorder
 from fwdgrad.experiments.training.resume import Resume, history_rows, load_resume, restore, resume_config
 from fwdgrad.experiments.training.run_files import METRICS_FILE, PLOTS_FILE, StopReason
@@ -313,11 +313,16 @@ def _metrics(state: TrainState, parts: Components, settings: Settings, memory: _
     """``metrics.json``: the run's results and what it ran with."""
     peak_mb, peak_source = memory.read()
     data_parallel = parts.world_size > 1
+    # the training set's accuracy at the end, as the held-out one (eval mode, every example): the train error
+    # of a results table (the logged train/accuracy is a running mean over batches while the weights move)
+    _, train_accuracy, _ = evaluate(parts.model, parts.splits.train_x, parts.splits.train_y,
+                                    settings.eval_batch_size)
     return {
         "final_test_accuracy": state.test_accuracy,
         "best_test_accuracy": state.best_test_accuracy,
         "final_test_loss": finite_or_none(state.test_loss),
         "final_train_loss": finite_or_none(state.final_train_loss),
+        "final_train_accuracy": train_accuracy,
         "steps": state.step,
         "epochs_completed": state.epochs_completed,
         "wall_time_s": round(state.elapsed(), 3),

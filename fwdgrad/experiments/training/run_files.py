@@ -67,8 +67,8 @@ HISTORY_COLUMNS = (
 TB_TAGS = ("train/loss", "train/accuracy", "test/loss", "test/accuracy", "lr", "time/step_ms")
 #: Keys every ``metrics.json`` has.
 METRIC_KEYS = (
-    "final_test_accuracy", "best_test_accuracy", "final_test_loss", "final_train_loss", "steps",
-    "epochs_completed", "wall_time_s", "step_time_ms", "peak_memory_mb", "peak_memory_source", "stopped",
+    "final_test_accuracy", "best_test_accuracy", "final_test_loss", "final_train_loss", "final_train_accuracy",
+    "steps", "epochs_completed", "wall_time_s", "step_time_ms", "peak_memory_mb", "peak_memory_source", "stopped",
     "stop_detail", "estimator", "dataset", "model", "device",
 )
 

@@ -1,0 +1,134 @@
+"""Tabulate LocalMixer runs (``+experiment=local_mixer_<dataset>/<method>``) in the shape of Ren et al.'s Table 3.
+
+    python scripts/local_mixer_table.py RUNS_DIR            # test / train error (%) per method and size, mean +- sd
+    python scripts/local_mixer_table.py RUNS_DIR --sweep    # per method and size: the learning rate with the lowest
+                                                            # final training loss (no held-out data used)
+
+RUNS_DIR is searched for run directories (``metrics.json`` beside ``.hydra/``); a run's method is the name of its
+experiment file, its size ``local_mixer.size``. Prints Markdown; ``--out FILE`` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives next to scripts/
+    sys.path.insert(0, str(ROOT))
+
+from fwdgrad.app.process import prepare_process  # noqa: E402
+
+prepare_process()
+
+import json  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+#: Table 3's row order and names (Ren et al. 2023), then the methods this project adds.
+METHODS = {"bp": "BP", "l_bp": "L-BP", "lg_bp": "LG-BP", "fg_w": "FG-W", "fg_a": "FG-A", "lg_fg_w": "LG-FG-W",
+           "lg_fg_a": "LG-FG-A", "guess": "guesses (Fournier)", "lg_zo": "LG-ZO"}
+Run = Dict[str, object]
+
+
+def read_run(run_dir: Path) -> Optional[Run]:
+    """One run's method, size, learning rate, seed and results, or None if it is not a LocalMixer recipe run."""
+    overrides = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    experiment = next((o.split("=", 1)[1] for o in overrides if str(o).startswith("+experiment=")), "")
+    if not experiment.startswith("local_mixer_"):
+        return None
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    train_acc = metrics.get("final_train_accuracy")
+    return {"dataset": experiment.split("/")[0][len("local_mixer_"):], "method": experiment.split("/")[1],
+            "size": str(cfg.local_mixer.size), "lr": float(cfg.optimization.learning_rate), "seed": int(cfg.seed),
+            "epochs": int(cfg.optimization.epochs), "test_err": 100 * (1 - metrics["final_test_accuracy"]),
+            "train_err": None if train_acc is None else 100 * (1 - train_acc),
+            "train_loss": metrics.get("final_train_loss"), "stopped": metrics["stopped"]}
+
+
+def collect(root: Path) -> List[Run]:
+    runs = [read_run(p.parent) for p in sorted(root.rglob("metrics.json")) if (p.parent / ".hydra").is_dir()]
+    return [r for r in runs if r is not None]
+
+
+def _mean_sd(values: List[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def sweep_table(runs: List[Run]) -> str:
+    """Per (dataset, method, size): every learning rate's final training loss and test error; the chosen one
+    (lowest final training loss) marked."""
+    cells: Dict[Tuple[str, str, str], List[Run]] = defaultdict(list)
+    for r in runs:
+        cells[(r["dataset"], r["method"], r["size"])].append(r)
+    lines = ["| dataset | method | size | lr: final train loss (test err %) | chosen lr |", "|---|---|---|---|---|"]
+    for (dataset, method, size), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1])
+                                                                               if kv[0][1] in METHODS else 99, kv[0][2])):
+        rs = sorted(rs, key=lambda r: r["lr"])
+        finite = [r for r in rs if r["train_loss"] is not None and math.isfinite(r["train_loss"])]
+        best = min(finite, key=lambda r: r["train_loss"]) if finite else None
+        cols = ", ".join(f"{r['lr']:g}: {r['train_loss']:.4f} ({r['test_err']:.2f})" if r in finite else
+                         f"{r['lr']:g}: {r['stopped']}" for r in rs)
+        lines.append(f"| {dataset} | {METHODS.get(method, method)} | {size} | {cols} | "
+                     f"{best['lr']:g} |" if best else f"| {dataset} | {method} | {size} | {cols} | - |")
+    return "\n".join(lines)
+
+
+def results_table(runs: List[Run]) -> str:
+    """Test / train error (%) per method (rows) and size (columns), mean +- sd over seeds, with the seed count."""
+    datasets = sorted({r["dataset"] for r in runs})
+    out = []
+    for dataset in datasets:
+        rs = [r for r in runs if r["dataset"] == dataset]
+        sizes = sorted({r["size"] for r in rs}, key=lambda s: "SMP".find(s))
+        out.append(f"**{dataset}**\n")
+        out.append("| method | " + " | ".join(f"{s}: test err % | {s}: train err % | {s}: seeds, epochs"
+                                                for s in sizes) + " |")
+        out.append("|---|" + "---|---|---|" * len(sizes))
+        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
+            row = [METHODS[method]]
+            for s in sizes:
+                cell = [r for r in rs if r["method"] == method and r["size"] == s]
+                test = [float(r["test_err"]) for r in cell]
+                train = [float(r["train_err"]) for r in cell if r["train_err"] is not None]
+                epochs = sorted({int(r["epochs"]) for r in cell})
+                row += [_mean_sd(test), _mean_sd(train),
+                        f"{len(cell)}, {'/'.join(map(str, epochs))}" if cell else "-"]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--sweep", action="store_true", help="the learning-rate sweep's table")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not args.runs.is_dir():
+        print(f"error: {args.runs} is not a directory of runs; give the folder holding the runs' directories.",
+              file=sys.stderr)
+        return 2
+    runs = collect(args.runs)
+    if not runs:
+        print(f"error: no LocalMixer recipe runs (+experiment=local_mixer_*/...) under {args.runs}.", file=sys.stderr)
+        return 2
+    text = sweep_table(runs) if args.sweep else results_table(runs)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
