@@ -23,7 +23,8 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     out = tmp_path / "bench"
     # two of the Section 4.5 models (BatchNorm conv net, attention): their rows share one code path, and each model
     # costs seconds of profiler set-up; one thread, as a many-threaded tiny benchmark crawls on a busy machine
-    proc = _run("--quick", "--threads", "1", "--models", "mlp,convnet,lenet5,vit", "--out", str(out))
+    proc = _run("--quick", "--threads", "1", "--models", "mlp,convnet,lenet5,vit,local_mixer_patch", "--out",
+                 str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (out / "bench.md").read_text()
     rows = list(csv.DictReader(open(out / "bench.csv")))
@@ -37,6 +38,10 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     for model in ("lenet5", "vit"):  # the Section 4.5 models: dense normal tangents
         assert {v for m, v in variants if m == model} == {"forward", "backprop", "fg normal k=1 (torch.func)",
                                                           "fg normal k=1", "fg normal k=2"}
+    # LocalMixer (issue 24): Table 3's methods with one tangent, with and without its local losses
+    assert {v for m, v in variants if m == "local_mixer_patch"} == {
+        "forward", "backprop", "fg normal k=1", "fga normal k=1", "local backprop", "local fg normal k=1",
+        "local fga normal k=1", "local guess"}
     for r in rows:
         assert float(r["median_ms"]) > 0 and int(r["samples"]) >= 1
         if r["variant"] != "forward":  # every step allocates at least its gradient

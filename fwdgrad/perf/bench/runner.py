@@ -19,10 +19,12 @@ from fwdgrad.perf.bench.timing import CLOCKS, PeakMemory, Result, bench_group
 from fwdgrad.perf.bench.workloads import (
     BENCH_MODELS,
     FROG_MODELS,
+    LOCAL_MIXERS,
     BenchError,
     Variant,
     build_model,
     frog_variants,
+    local_mixer_variants,
     peer_variants,
     variants,
 )
@@ -49,6 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", default="64,256,1024")
     p.add_argument("--frog-batches", default="64",
                    help=f"batch sizes of the Section 4.5 models ({', '.join(FROG_MODELS)}; frog's MNIST batch is 64)")
+    p.add_argument("--local-mixer-batches", default="128",
+                   help=f"batch sizes of the LocalMixer models ({', '.join(LOCAL_MIXERS)}; the recipes' batch is 128)")
     p.add_argument("--ks", default="1,4,16", help="numbers of tangents")
     p.add_argument("--distributions", default="normal,rademacher,rank1")
     p.add_argument("--func-ks", default="1,16",
@@ -88,6 +92,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.frog_batches, args.ks, args.func_ks = "8", "8", "1,2", "1,2"
+        args.local_mixer_batches = "8"
         args.zo_ks, args.simulated_ks, args.peer_ks = "1,2", "2", "1,2"
         args.repeats, args.min_sample_ms, args.quality_draws = 2, 1.0, min(args.quality_draws, 3)
     if args.repeats < 1:
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> Path:
     zo_ks, sim_ks = int_list(args.zo_ks, "zo-ks"), int_list(args.simulated_ks, "simulated-ks")
     peer_ks = int_list(args.peer_ks, "peer-ks")
     frog_batches = int_list(args.frog_batches, "frog-batches")
+    mixer_batches = int_list(args.local_mixer_batches, "local-mixer-batches")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
     from fwdgrad import TANGENT_DISTRIBUTIONS
 
@@ -134,10 +140,11 @@ def run(args: argparse.Namespace) -> Path:
     for m in models:
         fks = func_ks if (m == "mlp" or args.func_convnet) else [k for k in func_ks if k == 1]
         extra = (zo_ks, sim_ks) if m == "mlp" else ((), ())  # zeroth-order and simulated rows: the MLP only
-        vs = frog_variants(ks, func_ks) if m in FROG_MODELS else variants(ks, dists, fks, *extra)
+        vs = (frog_variants(ks, func_ks) if m in FROG_MODELS else local_mixer_variants() if m in LOCAL_MIXERS
+              else variants(ks, dists, fks, *extra))
         if m == "mlp":
             vs += peer_variants(peer_ks)
-        for b in (frog_batches if m in FROG_MODELS else batches):
+        for b in (frog_batches if m in FROG_MODELS else mixer_batches if m in LOCAL_MIXERS else batches):
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)
             for r in group:

@@ -20,7 +20,7 @@ from fwdgrad import (
 )
 from fwdgrad.errors import ConfigError
 from fwdgrad.nn.functional import cross_entropy, per_example_cross_entropy
-from fwdgrad.nn.models import MLP, ConvNet, LeNet5, MLPMixer, ResNet, VisionTransformer
+from fwdgrad.nn.models import MLP, ConvNet, LeNet5, LocalMixer, MLPMixer, ResNet, VisionTransformer
 
 log = logging.getLogger("bench")
 
@@ -90,6 +90,14 @@ def passes(v: Variant) -> str:
     return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}{per_example}"
 
 
+#: Ren et al.'s LocalMixer (full size, --quick size): M/1/16, and the patch variant of the Fashion-MNIST recipes
+#: (4 blocks, 7x7 patches of 4x4 pixels, 64 channels, 16 groups).
+LOCAL_MIXER_SIZES = {
+    "local_mixer": (dict(channels=512, groups=16), dict(channels=16, groups=4)),
+    "local_mixer_patch": (dict(num_blocks=4, patch_size=4, channels=64, groups=16),
+                          dict(num_blocks=2, patch_size=7, channels=8, groups=2)),
+}
+
 #: name -> (full size, --quick size); all on MNIST's 1x28x28 images. The last four are the models of the
 #: multi-tangent paper's Section 4.5 (FROG_MODELS), in the sizes frog trains them.
 BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
@@ -101,18 +109,23 @@ BENCH_MODELS: Dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]]
             lambda: VisionTransformer(SHAPE, 10, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=16)),
     "mlp_mixer": (lambda: MLPMixer(SHAPE, 10),
                   lambda: MLPMixer(SHAPE, 10, hidden_dim=16, token_mlp_dim=8, channel_mlp_dim=16, num_blocks=1)),
-
-
+    "local_mixer": (lambda: LocalMixer(SHAPE, 10, **LOCAL_MIXER_SIZES["local_mixer"][0]),
+                    lambda: LocalMixer(SHAPE, 10, **LOCAL_MIXER_SIZES["local_mixer"][1])),
+    "local_mixer_patch": (lambda: LocalMixer(SHAPE, 10, **LOCAL_MIXER_SIZES["local_mixer_patch"][0]),
+                          lambda: LocalMixer(SHAPE, 10, **LOCAL_MIXER_SIZES["local_mixer_patch"][1])),
 }
 
 
 FROG_MODELS = ("lenet5", "resnet18", "vit", "mlp_mixer")
+LOCAL_MIXERS = ("local_mixer", "local_mixer_patch")
 
 
 def build_model(name: str, quick: bool, local: bool = False, groups: int = 1) -> nn.Module:
     if name not in BENCH_MODELS:
         raise BenchError(f"unknown model {name!r}; use --models with any of {', '.join(BENCH_MODELS)} "
                          "(comma separated).")
+    if name in LOCAL_MIXERS:  # with local=True: its local heads and block/patch/group-wise losses
+        return LocalMixer(SHAPE, 10, local_losses=local, **LOCAL_MIXER_SIZES[name][1 if quick else 0])
     if local:  # the local-loss rows (issue 12): the MLP and conv net with auxiliary heads (and unit groups)
         if name == "mlp":
             return MLP(SHAPE, 10, (64, 64) if quick else (1024, 1024), local_losses=True, local_groups=groups)
@@ -126,6 +139,14 @@ def frog_variants(ks: Sequence[int], func_ks: Sequence[int]) -> List[Variant]:
     the torch.func reference at k = 1."""
     return [Variant("forward"), Variant("backprop"), *[Variant("fg", "normal", k, "func") for k in func_ks if k == 1],
             *[Variant("fg", "normal", k, "auto") for k in ks]]
+
+
+def local_mixer_variants() -> List[Variant]:
+    """LocalMixer's rows, the methods of Ren et al.'s Table 3 with one tangent: BP, FG-W, FG-A, and with the
+    local losses LG-BP, LG-FG-W, LG-FG-A, and local-gradient guesses."""
+    return [Variant("forward"), Variant("backprop"), Variant("fg", "normal", 1, "auto"), Variant("fga", "normal", 1),
+            Variant("backprop", local=True), Variant("fg", "normal", 1, "auto", local=True),
+            Variant("fga", "normal", 1, local=True), Variant("guess", local=True)]
 
 
 def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
