@@ -32,7 +32,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 #: Table 3's row order and names (Ren et al. 2023), then the methods this project adds.
 METHODS = {"bp": "BP", "l_bp": "L-BP", "lg_bp": "LG-BP", "fg_w": "FG-W", "fg_a": "FG-A", "lg_fg_w": "LG-FG-W",
-           "lg_fg_a": "LG-FG-A", "guess": "guesses (Fournier)", "lg_zo": "LG-ZO"}
+           "lg_fg_a": "LG-FG-A", "lg_fg_a_k16": "LG-FG-A, k = 16", "guess": "guesses (Fournier)", "lg_zo": "LG-ZO"}
 Run = Dict[str, object]
 
 

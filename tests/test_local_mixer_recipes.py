@@ -20,7 +20,8 @@ from mnist_helpers import CONFIGS, TINY, compose_cfg
 EXPECTED = {"bp": ("Backprop", False, True), "l_bp": ("Backprop", True, False), "lg_bp": ("Backprop", True, True),
             "fg_w": ("ForwardGradient", False, True), "fg_a": ("ForwardActivity", False, True),
             "lg_fg_w": ("ForwardGradient", True, True), "lg_fg_a": ("ForwardActivity", True, True),
-            "guess": ("LocalGuess", True, True), "lg_zo": ("ZerothOrder", True, True)}
+            "lg_fg_a_k16": ("ForwardActivity", True, True), "guess": ("LocalGuess", True, True),
+            "lg_zo": ("ZerothOrder", True, True)}
 SIZES = {"local_mixer_mnist": {"S": (1, 0, 256, 1), "M": (1, 0, 512, 16)},
          "local_mixer_fashion": {"M": (1, 0, 512, 16), "P": (4, 4, 64, 16)}}
 RECIPES = [(d.name, p.stem) for d in sorted((CONFIGS / "experiment").glob("local_mixer_*")) for p in
@@ -30,7 +31,7 @@ RECIPES = [(d.name, p.stem) for d in sorted((CONFIGS / "experiment").glob("local
 def test_every_recipe_file_is_a_known_method():
     assert {m for _, m in RECIPES} <= set(EXPECTED)
     assert {m for d, m in RECIPES if d == "local_mixer_mnist"} == set(EXPECTED)
-    assert {m for d, m in RECIPES if d == "local_mixer_fashion"} >= {"bp", "lg_bp", "fg_a", "lg_fg_a"}
+    assert {m for d, m in RECIPES if d == "local_mixer_fashion"} >= {"bp", "lg_bp", "fg_a", "lg_fg_a", "lg_fg_a_k16"}
 
 
 @pytest.mark.parametrize("folder,method", RECIPES)
@@ -39,7 +40,9 @@ def test_recipe_composes_into_its_method_at_every_size(folder: str, method: str)
     for script in ("mnist_fwdgrad", "mnist_backprop"):  # the recipe sets the estimator: either entry point
         for size, (blocks, patch, channels, groups) in SIZES[folder].items():
             cfg = compose_cfg(script, [f"+experiment={folder}/{method}", f"local_mixer.size={size}"])
-            assert type(instantiate(cfg.gradient)).__name__ == estimator
+            est = instantiate(cfg.gradient)
+            assert type(est).__name__ == estimator
+            assert getattr(est, "num_tangents", 1) == (16 if method.endswith("_k16") else 1)
             model = instantiate(cfg.model, input_shape=[1, 28, 28], num_classes=10, _convert_="all")
             assert isinstance(model, LocalMixer) and (model.local_losses, model.local_detach) == (local, detach)
             assert (len(model.blocks), model.patch_size % 28, model.channels, model.groups) == (
