@@ -45,7 +45,11 @@ def read_run(run_dir: Path) -> Optional[Run]:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     train_acc = metrics.get("final_train_accuracy")
-    return {"dataset": experiment.split("/")[0][len("local_mixer_"):], "method": experiment.split("/")[1],
+    method = experiment.split("/")[1]
+    k = int(cfg.gradient.get("num_tangents", 1))
+    if k != 1 and not method.endswith(f"_k{k}"):  # a recipe run with more tangents given on the command line
+        method = f"{method}_k{k}"
+    return {"dataset": experiment.split("/")[0][len("local_mixer_"):], "method": method,
             "size": str(cfg.local_mixer.size), "lr": float(cfg.optimization.learning_rate), "seed": int(cfg.seed),
             "epochs": int(cfg.optimization.epochs), "test_err": 100 * (1 - metrics["final_test_accuracy"]),
             "train_err": None if train_acc is None else 100 * (1 - train_acc),
