@@ -79,7 +79,7 @@ def reference_local_grads(model: LocalMixer, x, y, detach: bool = True) -> Dict[
     return dict(zip(names, torch.autograd.grad(total, list(model.parameters()))))
 
 
-def global_grads(model: LocalMixer, x, y) -> Dict[str, torch.Tensor]:
+def global_grads(model: nn.Module, x, y) -> Dict[str, torch.Tensor]:
     """Backprop on the global loss ``CE(model(x))``, nothing detached (the auxiliary heads get zero)."""
     loss = F.cross_entropy(model(x), y)
     out = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
@@ -254,3 +254,19 @@ def test_fast_engine_and_torch_func_agree_on_a_local_mixer():
     fast = grads(model, ForwardGradient(4, seed=5, backend="fast"), x, y)
     func = grads(model, ForwardGradient(4, seed=5, backend="func"), x, y)
     close(fast, func, "fast vs torch.func", rtol=1e-10, atol=1e-12)
+
+
+def test_fg_a_elsewhere_handles_layer_norm_and_grouped_layers_exactly_or_refuses():
+    # Outside LocalMixer: a norm without parameters after a linear layer and a grouped convolution are estimated
+    # exactly (the perturbation sits at the layer's output, the norm is downstream; conv2d_weight takes the groups);
+    # a norm with learned scale and shift has parameters no site owns: refused before the first step.
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 4, 4, dtype=DT)
+    y = torch.randint(0, CLASSES, (4,))
+    exact = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 6),
+                          nn.LayerNorm(6, elementwise_affine=False), nn.ReLU(), nn.Linear(6, CLASSES)).to(DT)
+    got = grads(exact, ForwardActivity(num_tangents=64 + 6, aggregation="sum", distribution=UNITS), x, y)
+    close(got, global_grads(exact, x, y), "grouped conv + parameter-free layer norm")
+    affine = nn.Sequential(nn.Flatten(), nn.Linear(32, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, CLASSES)).to(DT)
+    with pytest.raises(ConfigError, match="LayerNorm|belongs to another module"):
+        grads(affine, ForwardActivity(), x, y)
