@@ -231,7 +231,7 @@ ESTIMATORS = [(p.stem, []) for p in sorted((CONFIGS / "gradient").glob("*.yaml")
 #: and local-gradient guesses need the auxiliary heads of model.local_losses (the MLP and conv net have them)
 NEEDS_STRUCTURE = {
     # (models with batch norm: the batch coupling is found first, by the probe pass)
-    "forward_activity": "activity perturbation (estimates the parameters of nn.Linear and nn.Conv2d layers only|"
+    "forward_activity": "activity perturbation (estimates the parameters of nn.Linear and nn.Conv2d layers|"
                         "cannot estimate this model exactly: batch_norm computes a statistic over the examples)",
     "forward_guess": "needs guesses from local losses: set model.local_losses=true",
 }

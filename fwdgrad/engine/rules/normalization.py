@@ -124,12 +124,13 @@ def _layer_norm(
     eps: float = 1e-5,
     *args: object,  # torch.layer_norm's cudnn_enable: no effect on the values
 ) -> Tensor:
-    out = F.layer_norm(input, normalized_shape, weight, bias, eps)
     ns = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
     dims = tuple(range(-len(ns), 0))
-    var, mu = torch.var_mean(input, dim=dims, correction=0, keepdim=True)
+    # the output and the statistics it used (mean, 1/sigma, keepdim-shaped) from one kernel: no second pass over
+    # the input for the tangent's statistics
+    out, mu, inv = torch.native_layer_norm(input, list(ns), weight, bias, eps)
     shape = [1] * (input.dim() - len(ns)) + list(ns)
-    t = normalized_tangent(s, input, (mu, torch.rsqrt(var + eps)), dims, True, weight, bias, shape)
+    t = normalized_tangent(s, input, (mu, inv), dims, True, weight, bias, shape)
     return s.attach(out, t)
 
 
