@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -45,6 +46,8 @@ def read_run(run_dir: Path) -> Optional[Run]:
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     train_acc = metrics.get("final_train_accuracy")
+    if train_acc is None and (run_dir / "model.pt").is_file():  # a run from before metrics.json recorded it
+        train_acc = train_accuracy_of(run_dir)
     method = experiment.split("/")[1]
     k = int(cfg.gradient.get("num_tangents", 1))
     if k != 1 and not method.endswith(f"_k{k}"):  # a recipe run with more tangents given on the command line
@@ -56,8 +59,27 @@ def read_run(run_dir: Path) -> Optional[Run]:
             "train_loss": metrics.get("final_train_loss"), "stopped": metrics["stopped"]}
 
 
+def train_accuracy_of(run_dir: Path) -> float:
+    """The final weights' accuracy on the run's whole training set (eval mode), from ``model.pt`` and its config."""
+    import torch
+    from hydra.utils import instantiate
+
+    from fwdgrad.experiments.training.loop import evaluate
+
+    ckpt = torch.load(run_dir / "model.pt", weights_only=False, map_location="cpu")
+    cfg = OmegaConf.create(ckpt["config"])
+    splits = instantiate(cfg.dataset)
+    model = instantiate(cfg.model, input_shape=list(splits.input_shape), num_classes=splits.num_classes,
+                        _convert_="all")
+    model.load_state_dict(ckpt["state_dict"])
+    return evaluate(model, splits.train_x, splits.train_y, 1000)[1]
+
+
 def collect(root: Path) -> List[Run]:
-    runs = [read_run(p.parent) for p in sorted(root.rglob("metrics.json")) if (p.parent / ".hydra").is_dir()]
+    """Every LocalMixer recipe run under ``root`` (following links: a table may link runs from a sweep)."""
+    found = [Path(d) for d, _, files in os.walk(root, followlinks=True)
+             if "metrics.json" in files and (Path(d) / ".hydra").is_dir()]
+    runs = [read_run(d) for d in sorted(found)]
     return [r for r in runs if r is not None]
 
 
