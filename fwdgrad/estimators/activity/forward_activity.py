@@ -240,7 +240,7 @@ def per_example_coefficients(aggregation: str, sites: Sequence[Site], tangents: 
         # them) and group g (all groups for a "patch" unit): (N, P', G', k, X), then added to every row they reach
         t = tangents[s.name]
         p_all, width = t.shape[2], t.shape[3]
-        pr = s.patches if s.patches > 1 else 1
+        pr = s.patch_rows
         gr = s.groups if s.answers == "group" else 1
         u = t.reshape(k, n, pr, p_all // pr, gr, width // gr).permute(1, 2, 4, 0, 3, 5)
         u = u.reshape(n, pr, gr, k, -1).to(torch.float64)
@@ -259,7 +259,7 @@ def _estimate(site: Site, u: Tensor, coeff: Tensor, z: Tensor) -> Tensor:
     """``g_z[b] = sum_i c[i, row(unit), b] u[i, b, unit]``, zero where a following ReLU is inactive."""
     k, n, ch = u.shape[0], u.shape[1], u.shape[2]
     if site.patches:  # token layout (k, N, P, D): coefficients (k, N, P', G) with P' = P or 1
-        pr = site.patches if site.patches > 1 else 1
+        pr = site.patch_rows
         c = coeff[:, site.row:site.row + site.rows, :].permute(0, 2, 1).reshape(k, n, pr, site.groups)
         if site.answers == "patch":
             c = c.sum(3, keepdim=True)  # the unit reaches every group's loss of its patch

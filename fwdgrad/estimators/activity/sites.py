@@ -62,8 +62,13 @@ class Site:
     answers: str = "group"
 
     @property
+    def patch_rows(self) -> int:
+        """P' in the token layout: P with one loss per patch, else 1 (1 in the plain layout too)."""
+        return max(self.patches, 1)
+
+    @property
     def rows(self) -> int:
-        return self.groups * max(self.patches, 1)
+        return self.groups * self.patch_rows
 
     @property
     def perturbed(self) -> bool:

@@ -17,7 +17,19 @@ from torch import Tensor, nn
 
 from fwdgrad.errors import ConfigError
 
-__all__ = ["FeedForward", "PatchEmbedding", "SelfAttention"]
+__all__ = ["FeedForward", "PatchEmbedding", "SelfAttention", "patch_count"]
+
+
+def patch_count(model: str, image: Tuple[int, int, int], patch_size: int, hint: str = "") -> int:
+    """The number of ``patch_size`` x ``patch_size`` patches of a ``(C, H, W)`` image; a :class:`ConfigError`
+    naming ``model`` when the size does not divide the image (``hint`` ends the message with more choices)."""
+    _, h, w = image
+    if patch_size < 1 or h % patch_size or w % patch_size:
+        raise ConfigError(
+            f"{model}: patch_size={patch_size} must divide the image size {h}x{w}; for 28x28 or 32x32 "
+            f"images use 4 (or 2, 7/8, 14/16...){hint}."
+        )
+    return (h // patch_size) * (w // patch_size)
 
 
 class PatchEmbedding(nn.Module):
@@ -30,13 +42,8 @@ class PatchEmbedding(nn.Module):
 
     def __init__(self, model: str, image: Tuple[int, int, int], patch_size: int, dim: int) -> None:
         super().__init__()
-        c, h, w = image
-        if patch_size < 1 or h % patch_size or w % patch_size:
-            raise ConfigError(
-                f"{model}: patch_size={patch_size} must divide the image size {h}x{w}; for 28x28 or 32x32 "
-                "images use 4 (or 2, 7/8, 14/16...)."
-            )
-        self.num_patches = (h // patch_size) * (w // patch_size)
+        c = image[0]
+        self.num_patches = patch_count(model, image, patch_size)
         self.proj = nn.Conv2d(c, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from fwdgrad.errors import ConfigError
 from fwdgrad.nn.local_losses import LocalBlock, TokenMean
 from fwdgrad.nn.models.basic import image_shape
+from fwdgrad.nn.models.layers import patch_count
 
 __all__ = ["NormLinear", "TokenMixing", "MixerBlock", "LocalMixer", "patchify"]
 
@@ -172,11 +173,7 @@ class LocalMixer(nn.Module):
             if h != w:
                 raise ConfigError(f"LocalMixer: patch_size=0 (one patch) needs square images, got {h}x{w}.")
             patch_size = h
-        if patch_size < 1 or h % patch_size or w % patch_size:
-            raise ConfigError(
-                f"LocalMixer: patch_size={patch_size} must divide the image size {h}x{w} (e.g. 4 or 7 on 28x28 "
-                "images, 4 or 8 on 32x32; 0 for one patch)."
-            )
+        self.num_patches = patch_count("LocalMixer", (c, h, w), patch_size, hint="; 0 for one patch")
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ConfigError(f"LocalMixer: num_blocks must be an integer >= 1, got {num_blocks!r}.")
         if (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups
@@ -186,7 +183,6 @@ class LocalMixer(nn.Module):
                 "at least 2 channels (a layer norm over one channel always outputs 0)."
             )
         self.patch_size, self.channels, self.groups = patch_size, channels, groups
-        self.num_patches = (h // patch_size) * (w // patch_size)
         self.patchify = Patchify(patch_size)
         self.blocks = nn.ModuleList(
             [nn.Sequential(NormLinear(c * patch_size * patch_size, channels), nn.ReLU(),
