@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fwdgrad.perf.bench as bench
+from fwdgrad.nn.functional import cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
@@ -105,3 +107,27 @@ def test_targets_are_checked_at_every_thread_count():
     assert bench.target_runs(bench.parse_args(["--target-threads", ""]), [1], ["normal"], [64]) == []
     proc = _run("--quick", "--threads", "1", "--clock", "thread", "--target-threads", "0,1")
     assert proc.returncode == 2 and "--clock thread needs one thread" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_rows_write_the_eager_gradients():
+    """The torch.compile rows (``--compiled-ks``): compiled backprop writes backprop's gradient, the compiled
+    torch.func.jvp step writes (grad . v) v for the tangent a generator seeded 0 draws, as eager code would."""
+    torch.manual_seed(0)
+    model = bench.build_model("mlp", quick=True)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    model.zero_grad(set_to_none=True)
+    cross_entropy(model(x), y).backward()
+    exact = {n: p.grad.clone() for n, p in model.named_parameters()}
+    labels = [v.label for v in bench.compiled_variants([1])]
+    assert labels == ["backprop, torch.compile", "fg normal k=1 (torch.func.jvp, torch.compile)",
+                      "fg normal k=1, whole step under torch.compile"]
+    bench.make_step(bench.Variant("compiled_backprop"), model, x, y)()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, exact[n])
+    bench.make_step(bench.Variant("compiled_jvp", "normal", 1), model, x, y)()
+    gen = torch.Generator().manual_seed(0)
+    tangent = {n: torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()}
+    d = sum((tangent[n] * exact[n]).sum() for n in exact)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, tangent[n] * d, rtol=1e-4, atol=1e-6)

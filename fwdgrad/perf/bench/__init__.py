@@ -26,6 +26,9 @@ the loss under ``torch.no_grad()``. Reported per configuration, as in the paper:
 
 The zeroth-order rows (``zo``, MLP only; ``--zo-ks``) are ZerothOrder with central differences and the exact loss,
 i.e. 2k + 1 no-grad forward passes per step; the full table's last column says what every step runs.
+``--compiled-ks`` (MLP only, none by default: compiling takes minutes) adds ``torch.compile`` rows: a compiled
+backprop step, a compiled ``torch.func.jvp`` step per k and fwdgrad's step under ``torch.compile``; ``bench.md``
+gives each compiled forward gradient against compiled backprop, not against eager.
 Rows: forward, backprop, weight-perturbed forward gradients (``fg``) per distribution and k, activity perturbation
 (``fga``, FG-A) and, on the same network with auxiliary heads, local losses (prefix ``local``: LG-BP, LG-FG-W,
 LG-FG-A) and local-gradient guesses (``local guess``); every ``fg/bp`` is against the plain network's backprop.
@@ -54,8 +57,16 @@ Modules: :mod:`~fwdgrad.perf.bench.workloads` (the rows and the step each runs),
 from fwdgrad.perf.bench.report import TARGETS, markdown_table, summary_table, targets_report, write_outputs
 from fwdgrad.perf.bench.runner import int_list, main, parse_args, run, target_runs
 from fwdgrad.perf.bench.timing import Result, bench_group, time_group
-from fwdgrad.perf.bench.workloads import Variant, build_model, make_estimator, make_step, passes, variants
+from fwdgrad.perf.bench.workloads import (
+    Variant,
+    build_model,
+    compiled_variants,
+    make_estimator,
+    make_step,
+    passes,
+    variants,
+)
 
-__all__ = ["Result", "TARGETS", "Variant", "bench_group", "build_model", "int_list", "main", "make_estimator",
+__all__ = ["Result", "TARGETS", "Variant", "bench_group", "build_model", "compiled_variants", "int_list", "main", "make_estimator",
            "make_step", "markdown_table", "parse_args", "passes", "run", "summary_table", "target_runs",
            "targets_report", "time_group", "variants", "write_outputs"]

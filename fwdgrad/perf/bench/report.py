@@ -114,6 +114,21 @@ def peers_report(results: Sequence[Result]) -> List[str]:
     return lines
 
 
+def compiled_report(results: Sequence[Result]) -> List[str]:
+    """Per (batch, thread count): each compiled forward-gradient step over the compiled backprop step."""
+    lines = []
+    for r in results:
+        if r.model != "mlp" or "torch.compile" not in r.variant or r.variant.startswith("backprop"):
+            continue
+        bp = next((o for o in results if o.model == "mlp" and o.batch == r.batch and o.threads == r.threads
+                   and o.variant == "backprop, torch.compile"), None)
+        if bp is not None:
+            lines.append(f"- batch {r.batch}, {r.threads} thread{'s' if r.threads > 1 else ''}: {r.variant} "
+                         f"{r.median_ms / bp.median_ms:.2f} x compiled backprop (compiled backprop "
+                         f"{bp.fg_over_bp:.2f} x eager backprop)")
+    return lines
+
+
 def targets_report(results: Sequence[Result]) -> List[str]:
     """One line per target and thread count the results hold (the main run's, then ``--target-threads``)."""
     lines = []
@@ -185,6 +200,10 @@ def write_outputs(out: Path, info: Dict[str, object], results: Sequence[Result],
     if pl:
         md += ["Peers (MLP, a whole SGD step each: fwdgrad's dense normal forward gradient against torchzero's "
                "ForwardGradient and a torch.func.jvp loop over the k tangents):", "", *pl, ""]
+    cl = compiled_report(results)
+    if cl:
+        md += ["torch.compile (MLP; `--compiled-ks`): each compiled forward-gradient step against compiled backprop:",
+               "", *cl, ""]
     if deep is not None:
         md += [f"Deep MLP ({deep['layers']} hidden layers of width {deep['width']}, batch {deep['batch']}, "
                f"{_fmt(deep['params_mib'], 0)} MiB of parameters; target: forward-gradient peak <= 0.5 x "  # type: ignore[arg-type]

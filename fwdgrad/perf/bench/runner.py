@@ -23,6 +23,7 @@ from fwdgrad.perf.bench.workloads import (
     BenchError,
     Variant,
     build_model,
+    compiled_variants,
     frog_variants,
     local_mixer_variants,
     peer_variants,
@@ -62,6 +63,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--peer-ks", default="1,4,16",
                    help="k values of the peer rows (MLP only; '' for none): a whole SGD step of fwdgrad's forward "
                         "gradient beside torchzero's ForwardGradient and a torch.func.jvp loop")
+    p.add_argument("--compiled-ks", default="",
+                   help="k values of the torch.compile rows (MLP only; '' for none, the default: compiling takes "
+                        "minutes): a compiled backprop step beside a compiled torch.func.jvp step per k")
     p.add_argument("--zo-ks", default="1,16", help="k values of the zeroth-order rows (MLP only; empty: none)")
     p.add_argument("--simulated-ks", default="16", help="k values also run as the simulated forward gradient "
                    "(backend='simulated': a backprop gradient projected on the tangents; normal tangents; MLP only)")
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> Path:
         build_model(m, True)  # validates the name before any long work
     batches, ks, func_ks = int_list(args.batches, "batches"), int_list(args.ks, "ks"), int_list(args.func_ks, "func-ks")
     zo_ks, sim_ks = int_list(args.zo_ks, "zo-ks"), int_list(args.simulated_ks, "simulated-ks")
-    peer_ks = int_list(args.peer_ks, "peer-ks")
+    peer_ks, compiled_ks = int_list(args.peer_ks, "peer-ks"), int_list(args.compiled_ks, "compiled-ks")
     frog_batches = int_list(args.frog_batches, "frog-batches")
     mixer_batches = int_list(args.local_mixer_batches, "local-mixer-batches")
     dists = [d.strip() for d in args.distributions.split(",") if d.strip()]
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> Path:
         vs = (frog_variants(ks, func_ks) if m in FROG_MODELS else local_mixer_variants() if m in LOCAL_MIXERS
               else variants(ks, dists, fks, *extra))
         if m == "mlp":
-            vs += peer_variants(peer_ks)
+            vs += peer_variants(peer_ks) + compiled_variants(compiled_ks)
         for b in (frog_batches if m in FROG_MODELS else mixer_batches if m in LOCAL_MIXERS else batches):
             log.info("%s batch %d: %d configurations", m, b, len(vs))
             group = bench_group(m, b, vs, args, mem, device, rng)

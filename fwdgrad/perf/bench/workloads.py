@@ -41,7 +41,8 @@ class Variant:
     """One row of the table: what runs as the step."""
 
     name: str  # forward | backprop | fg | fga (activity perturbation) | guess (local-gradient guesses) | zo |
-    #            sgd (a whole SGD step with ForwardGradient) | torchzero | jvp_loop (peers, a whole SGD step each)
+    #            sgd (a whole SGD step with ForwardGradient) | torchzero | jvp_loop (peers, a whole SGD step each) |
+    #            compiled_backprop | compiled_jvp | compiled_fg (torch.compile, issue 23's measurement)
     distribution: str = ""
     k: int = 0
     backend: str = ""
@@ -57,6 +58,12 @@ class Variant:
             return f"{prefix}{self.name} {self.distribution} k={self.k}"
         if self.name in PEERS:
             return f"{PEERS[self.name]} k={self.k}, SGD step"
+        if self.name == "compiled_backprop":
+            return "backprop, torch.compile"
+        if self.name == "compiled_jvp":
+            return f"fg normal k={self.k} (torch.func.jvp, torch.compile)"
+        if self.name == "compiled_fg":
+            return f"fg normal k={self.k}, whole step under torch.compile"
         if self.name != "fg":
             return prefix + self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
@@ -84,6 +91,12 @@ def passes(v: Variant) -> str:
         return f"{v.k} forward-mode pass{'es' if v.k > 1 else ''}, 1 tangent each, and the update"
     if v.name == "sgd":
         return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}, and the update"
+    if v.name == "compiled_backprop":
+        return "1 forward + 1 backward, compiled"
+    if v.name == "compiled_jvp":
+        return f"{v.k} compiled forward-mode pass{'es' if v.k > 1 else ''}, 1 tangent each"
+    if v.name == "compiled_fg":
+        return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}, compiled where dynamo can trace"
     if v.name == "guess":  # each block's guess is its local-loss gradient, then one pass projects onto them
         return "1 forward + a backward inside each block, then 1 forward-mode pass"
     per_example = " per example and layer output" if v.name == "fga" else ""
@@ -172,6 +185,57 @@ def peer_variants(ks: Sequence[int]) -> List[Variant]:
     return [Variant(name, "normal", k) for k in ks for name in PEERS]
 
 
+def compiled_variants(ks: Sequence[int]) -> List[Variant]:
+    """The torch.compile rows (MLP; none unless asked, ``--compiled-ks``): a compiled backprop step, and for each k
+    a compiled ``torch.func.jvp`` forward-gradient step and fwdgrad's own step under ``torch.compile``, so that a
+    compiled forward gradient is compared with compiled backprop, not with eager."""
+    return [Variant("compiled_backprop"), *[Variant(name, "normal", k) for k in ks
+                                            for name in ("compiled_jvp", "compiled_fg")]] if ks else []
+
+
+def _compiled_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A gradient step written to ``p.grad`` under ``torch.compile`` (inductor, its default mode).
+
+    ``compiled_backprop``: the model's forward compiled, the backward through the compiled graph's backward.
+    ``compiled_jvp``: the forward-mode pass ``torch.func.jvp`` compiled, one per tangent; the normal tangents are
+    drawn eagerly (inductor's in-graph random numbers are counter-based but far slower on a CPU), and
+    g = (1/k) sum_i <grad f, v_i> v_i is formed eagerly too.
+    ``compiled_fg``: ``estimate_module_grads`` with a dense normal :class:`ForwardGradient` under ``torch.compile``:
+    dynamo breaks the graph at the estimator's generators and thread pool and compiles the pieces between (same
+    numbers as eager).
+    """
+    if v.name == "compiled_fg":
+        est = ForwardGradient(v.k, seed=0)
+        return torch.compile(lambda: estimate_module_grads(est, model, lambda out: per_example_cross_entropy(out, y), x))
+    if v.name == "compiled_backprop":
+        forward = torch.compile(model)
+
+        def backprop_step() -> None:
+            cross_entropy(forward(x), y).backward()
+        return backprop_step
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator(device=x.device).manual_seed(0)
+
+    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+    jvp = torch.compile(lambda p, t: torch.func.jvp(loss_fn, (p,), (t,)))
+
+    def jvp_step() -> None:
+        grads = {n: torch.zeros_like(p) for n, p in params.items()} if v.k > 1 else {}
+        for _ in range(v.k):
+            tangent = {n: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for n, p in params.items()}
+            _, d = jvp(params, tangent)
+            for n, t in tangent.items():
+                if v.k == 1:
+                    grads[n] = t.mul_(d)
+                else:
+                    grads[n].add_(t.mul_(d / v.k))
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+    return jvp_step
+
+
 def _peer_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """A whole training step (estimate and SGD update) of one of the :data:`PEERS`."""
     if v.name == "sgd":
@@ -226,6 +290,11 @@ def make_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
     if v.name in PEERS:
         return _peer_step(v, model, x, y)
+    if v.name.startswith("compiled_"):
+        def compiled_step(inner: Callable[[], None] = _compiled_step(v, model, x, y)) -> None:
+            model.zero_grad(set_to_none=True)
+            inner()
+        return compiled_step
 
     if v.name == "forward":
         def step() -> None:
