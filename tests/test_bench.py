@@ -33,7 +33,7 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     variants = {(r["model"], r["variant"]) for r in rows}
     for model in ("mlp", "convnet"):
         for v in ("forward", "backprop", "fg normal k=1 (torch.func)", "fg normal k=2", "fg rademacher k=1",
-                  "fg rank1 k=2", "fg normal k=1 kept", "fg normal k=1 regenerated",
+                  "fg rank1 k=2", "fg normal k=1 kept", "fg normal k=1 regenerated", "fg counter_normal k=2",
                   # issue 12: FG-A, and on the network with auxiliary heads LG-BP, LG-FG-W, LG-FG-A, guesses
                   "fga normal k=1", "local backprop", "local fg normal k=1", "local fga normal k=1", "local guess"):
             assert (model, v) in variants
@@ -54,10 +54,10 @@ def test_quick_bench_writes_table_and_csv(tmp_path):
     assert "Machine:" in md and "threads" in md and "Deep MLP" in md and "Training loop overhead: MLP" in md
     # the peers, a whole SGD step each (MLP only), and the speed-ups against them
     for k in (1, 2):
-        for peer in ("fwdgrad fg normal", "torchzero ForwardGradient", "torch.func.jvp loop"):
+        for peer in ("fwdgrad fg normal", "fwdgrad fg counter_normal", "torchzero ForwardGradient", "torch.func.jvp loop"):
             assert ("mlp", f"{peer} k={k}, SGD step") in variants
-    assert "x faster than torchzero ForwardGradient (target >= 1.5" in md and "x faster than torch.func.jvp loop" in md
-    assert len(list(csv.DictReader(open(out / "quality.csv")))) == 3 * 2
+    assert "fwdgrad (counter_normal) " in md and "x faster than torchzero ForwardGradient (target >= 1.5" in md and "x faster than torch.func.jvp loop" in md
+    assert len(list(csv.DictReader(open(out / "quality.csv")))) == 4 * 2  # 4 distributions by default, k = 1, 2
     # zeroth order: MLP rows with their cost, and the deep-MLP check against a no-grad forward pass
     zo = {r["variant"]: r for r in rows if r["model"] == "mlp" and r["variant"].startswith("zo")}
     assert set(zo) == {"zo normal k=1", "zo normal k=2"} and not any(r["variant"].startswith("zo") for r in rows

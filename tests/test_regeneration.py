@@ -114,7 +114,7 @@ def test_kept_prefix_is_the_longest_prefix_within_one_block_of_the_floor():
 
 
 # -- moved from test_fast_paths.py: same estimates in every mode, groups --------------------------------------------
-@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+@pytest.mark.parametrize("dist", ["normal", "rademacher", "counter_normal"])
 @pytest.mark.parametrize("k,agg", [(1, "mean"), (4, "mean"), (4, "projection")])
 def test_regenerated_tangents_give_the_same_estimates(dist, k, agg):
     loss_fn, params = model_problem("convnet", DT)

@@ -126,7 +126,7 @@ def test_one_buffer_per_device_and_dtype_and_ownership():
     assert not rank1.owned and isinstance(rank1.tangents["a"], RankOne)  # factors: never scaled in place
 
 
-@pytest.mark.parametrize("name", ["normal", "rademacher"])
+@pytest.mark.parametrize("name", ["normal", "rademacher", "counter_normal"])
 def test_regenerated_blocks_equal_the_kept_ones(name):
     params = {"w": torch.zeros(40, 30), "b": torch.zeros(40), "v": torch.zeros(7, 3)}
     dist = TANGENT_DISTRIBUTIONS[name]

@@ -271,7 +271,7 @@ def test_float32_parameters_come_back_bit_for_bit_where_in_place_perturbation_wo
 
 
 # -- the same tangents as the forward gradient -------------------------------------------------------------------
-@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+@pytest.mark.parametrize("dist", ["normal", "rademacher", "counter_normal"])
 def test_with_the_forward_gradients_chunk_the_tangents_are_the_forward_gradients(dist):
     loss_fn, params = model_problem("mlp", DT)
     zo = ZerothOrder(3, 1e-3, dist, seed=7,

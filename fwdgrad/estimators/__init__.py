@@ -6,6 +6,8 @@ Every estimator is a callable ``est(loss_fn, params) -> (loss, grads)`` (:mod:`.
 * :mod:`.tangents`: tangent distributions (a registry, ``@register_distribution``), the chunked draw layout
   and the drawn :class:`TangentDraw`;
 * :mod:`.rng`: seeded-chunk random numbers (reproducible, parallel, independent of the thread count);
+  :mod:`.tangents.counter`: ``counter_normal``, normal tangents from a counter-based generator, one compiled
+  kernel parallel across torch's threads (another random stream than ``normal``'s);
 * :mod:`.aggregation`: aggregations as coefficient rules ``c(d)`` with ``g = B c`` (a registry,
   ``@register_aggregation``) and :func:`combine`, which builds ``B c``;
 * :mod:`.regeneration`: the memory policy (kept/regenerated tangents, tangent groups under a budget);
@@ -66,6 +68,7 @@ from fwdgrad.estimators.memory_policy import (
 )
 from fwdgrad.estimators.module_grads import estimate_module_grads
 from fwdgrad.estimators.registry import Registry
+from fwdgrad.estimators.tangents.counter import CounterNormal
 from fwdgrad.estimators.tangents.custom import FixedAngle, JointDistribution, StandardBasis, VaryingLength
 from fwdgrad.estimators.tangents.distributions import (
     TANGENT_DISTRIBUTIONS,
@@ -91,6 +94,7 @@ __all__ = [
     "ChunkedDistribution",
     "ChunkedRNG",
     "ChunkedTangent",
+    "CounterNormal",
     "DirectionalEstimator",
     "DrawContext",
     "FixedAngle",

@@ -35,14 +35,14 @@ def component_variance(grad: Mapping[str, Tensor], distribution: str, num_tangen
 
     Args:
         grad: the true gradient ``a``, per parameter tensor.
-        distribution: ``"normal"``, ``"rademacher"`` or ``"rank1"``.
+        distribution: ``"normal"`` (or ``"counter_normal"``: the same distribution), ``"rademacher"`` or ``"rank1"``.
         num_tangents: k (the variance of the mean of k independent estimates is divided by k).
     """
     a2 = sum(float(t.double().pow(2).sum()) for t in grad.values())
     out: Dict[str, Tensor] = {}
     for name, t in grad.items():
         t = t.double()
-        if distribution == "normal" or (distribution == "rank1" and t.dim() < 2):
+        if distribution in ("normal", "counter_normal") or (distribution == "rank1" and t.dim() < 2):
             var = a2 + t.pow(2)
         elif distribution == "rademacher":
             var = a2 - t.pow(2)
@@ -52,7 +52,7 @@ def component_variance(grad: Mapping[str, Tensor], distribution: str, num_tangen
             cols = A.pow(2).sum(0, keepdim=True)  # |A_:,j|^2
             var = (a2 + 2 * rows + 2 * cols + 3 * A.pow(2)).reshape(t.shape)
         else:
-            raise ValueError(f"no variance formula for distribution {distribution!r}; use normal, rademacher or rank1.")
+            raise ValueError(f"no variance formula for distribution {distribution!r}; use normal, counter_normal, rademacher or rank1.")
         out[name] = var / num_tangents
     return out
 

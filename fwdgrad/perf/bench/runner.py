@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--local-mixer-batches", default="128",
                    help=f"batch sizes of the LocalMixer models ({', '.join(LOCAL_MIXERS)}; the recipes' batch is 128)")
     p.add_argument("--ks", default="1,4,16", help="numbers of tangents")
-    p.add_argument("--distributions", default="normal,rademacher,rank1")
+    p.add_argument("--distributions", default="normal,counter_normal,rademacher,rank1")
     p.add_argument("--func-ks", default="1,16",
                    help="k values also run on the torch.func reference path (normal tangents); the conv net "
                         "gets only k=1 there unless --func-convnet")
@@ -179,7 +179,7 @@ def target_runs(args: argparse.Namespace, ks: Sequence[int], dists: Sequence[str
               if (t or torch.get_num_threads()) != torch.get_num_threads()] if args.target_threads else []
     wanted = sorted({b for _, b, _, _ in TARGETS} & set(batches)) or (list(batches[:1]) if args.quick else [])
     tks = [k for k in ks if k in (1, 16)] or list(ks[:1])
-    fg = [Variant("fg", d, k, "auto") for d in ("normal", "rank1") if d in dists for k in tks]
+    fg = [Variant("fg", d, k, "auto") for d in ("normal", "counter_normal", "rank1") if d in dists for k in tks]
     return [(t, b, [Variant("forward"), Variant("backprop"), *fg]) for t in counts for b in wanted]
 
 

@@ -56,6 +56,8 @@ class Variant:
         prefix = ("local " if self.local else "") + (f"{self.groups}-group " if self.groups > 1 else "")
         if self.name in ("fga", "zo"):
             return f"{prefix}{self.name} {self.distribution} k={self.k}"
+        if self.name == "sgd":
+            return f"fwdgrad fg {self.distribution} k={self.k}, SGD step"
         if self.name in PEERS:
             return f"{PEERS[self.name]} k={self.k}, SGD step"
         if self.name == "compiled_backprop":
@@ -181,8 +183,9 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
 
 
 def peer_variants(ks: Sequence[int]) -> List[Variant]:
-    """The peer rows (MLP): for each k, fwdgrad's whole SGD step beside torchzero's and a torch.func.jvp loop's."""
-    return [Variant(name, "normal", k) for k in ks for name in PEERS]
+    """The peer rows (MLP): for each k, fwdgrad's whole SGD step (normal and counter_normal tangents) beside
+    torchzero's and a torch.func.jvp loop's."""
+    return [Variant(name, "normal", k) for k in ks for name in PEERS] + [Variant("sgd", "counter_normal", k) for k in ks]
 
 
 def compiled_variants(ks: Sequence[int]) -> List[Variant]:
@@ -239,7 +242,8 @@ def _compiled_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tenso
 def _peer_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """A whole training step (estimate and SGD update) of one of the :data:`PEERS`."""
     if v.name == "sgd":
-        est, opt = ForwardGradient(v.k, seed=0), torch.optim.SGD(model.parameters(), lr=PEER_LR)
+        est = ForwardGradient(v.k, distribution=v.distribution, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=PEER_LR)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
