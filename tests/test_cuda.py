@@ -67,7 +67,7 @@ def test_per_device_generators():
     assert abs(float(a.std()) - 1) < 0.1
 
 
-@pytest.mark.parametrize("dist,k", [("normal", 1), ("normal", 4), ("rank1", 1), ("rademacher", 4)])
+@pytest.mark.parametrize("dist,k", [("normal", 1), ("normal", 4), ("rank1", 1), ("rademacher", 4), ("counter_normal", 1)])
 def test_a_step_does_not_synchronise_with_the_host(dist, k):
     model = MLP((1, 28, 28), 10, (256, 256)).to(DEV)
     x, y = torch.randn(64, 1, 28, 28, device=DEV), torch.randint(0, 10, (64,), device=DEV)

@@ -34,7 +34,7 @@ over memory).
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -82,9 +82,10 @@ def _normal_of(key: Tensor, j: Tensor) -> Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
 
 
-def counter_normal_(out: Tensor, seed0: Tensor, chunk: int) -> Tensor:
+def counter_normal_(out: Tensor, seed0: Union[Tensor, int], chunk: int) -> Tensor:
     """Fill the 1-D ``out`` with the block whose chunks (of ``chunk`` entries) have seeds from ``seed0`` on (an
-    int32 0-dim tensor; int32 arithmetic wraps mod 2^32). The reference formula, in eager torch ops."""
+    int32 0-dim tensor or an int in the int32 range; int32 arithmetic wraps mod 2^32). The reference formula, in
+    eager torch ops."""
     i = torch.arange(out.numel(), dtype=torch.int32, device=out.device)
     c = i // chunk
     return out.copy_(_normal_of(c + seed0, i - c * chunk))
@@ -95,10 +96,6 @@ def _counter_normal_pow2_(out: Tensor, seed0: Tensor, log_chunk: int) -> Tensor:
     which inductor vectorises (compiled by :class:`CounterNormal` into one loop writing ``out`` in place)."""
     i = torch.arange(out.numel(), dtype=torch.int32, device=out.device)
     return out.copy_(_normal_of((i >> log_chunk) + seed0, i & ((1 << log_chunk) - 1)))
-
-
-def _seed_tensor(seed0: int, device: torch.device) -> Tensor:
-    return torch.tensor(_i32(seed0), dtype=torch.int32, device=device)
 
 
 Kernel = Callable[[Tensor, Tensor, int], Tensor]
@@ -126,14 +123,14 @@ class CounterNormal(ChunkedDistribution):
             for start in range(0, block.numel(), piece):
                 self.fill(block[start:start + piece], seed0 + start // chunk, chunk)
             return block
-        seed = _seed_tensor(seed0, block.device)
         # outside any TorchFunctionMode (a regenerated tangent is drawn inside the forward-mode pass's): the
         # kernel sees plain tensors only, and dynamo would otherwise trace the mode's handler at every op
         with torch._C.DisableTorchFunction(), torch.no_grad():
             pow2 = chunk & (chunk - 1) == 0
             kernel = self._cpu_kernel() if pow2 and block.device.type == "cpu" and block.numel() > 0 else None
             if kernel is None:  # another device (elementwise ops, parallel there), or a chunk of another size
-                return counter_normal_(block, seed, chunk)
+                return counter_normal_(block, _i32(seed0), chunk)  # a Python int: no host-to-device copy
+            seed = torch.tensor(_i32(seed0), dtype=torch.int32)  # a tensor: the compiled kernel is not re-specialised
             log_chunk = chunk.bit_length() - 1
             try:
                 kernel(block, seed, log_chunk)
