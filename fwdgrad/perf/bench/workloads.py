@@ -60,12 +60,8 @@ class Variant:
             return f"fwdgrad fg {self.distribution} k={self.k}, SGD step"
         if self.name in PEERS:
             return f"{PEERS[self.name]} k={self.k}, SGD step"
-        if self.name == "compiled_backprop":
-            return "backprop, torch.compile"
-        if self.name == "compiled_jvp":
-            return f"fg normal k={self.k} (torch.func.jvp, torch.compile)"
-        if self.name == "compiled_fg":
-            return f"fg normal k={self.k}, whole step under torch.compile"
+        if self.name in COMPILED:
+            return COMPILED[self.name][0].format(k=self.k)
         if self.name != "fg":
             return prefix + self.name
         suffix = {True: " regenerated", False: " kept", "auto": ""}[self.regenerate]
@@ -79,6 +75,14 @@ class Variant:
 #: k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog compute a forward gradient).
 PEERS = {"sgd": "fwdgrad fg normal", "torchzero": "torchzero ForwardGradient", "jvp_loop": "torch.func.jvp loop"}
 PEER_LR = 1e-5  # small: many timed steps must not make the model diverge
+#: The torch.compile rows (``--compiled-ks``): name -> (label, what one step runs), formatted with k and plurals.
+COMPILED = {
+    "compiled_backprop": ("backprop, torch.compile", "1 forward + 1 backward, compiled"),
+    "compiled_jvp": ("fg normal k={k} (torch.func.jvp, torch.compile)",
+                     "{k} compiled forward-mode pass{es}, 1 tangent each"),
+    "compiled_fg": ("fg normal k={k}, whole step under torch.compile",
+                    "1 forward-mode pass, {k} tangent{s}, compiled where dynamo can trace"),
+}
 
 
 def passes(v: Variant) -> str:
@@ -93,12 +97,8 @@ def passes(v: Variant) -> str:
         return f"{v.k} forward-mode pass{'es' if v.k > 1 else ''}, 1 tangent each, and the update"
     if v.name == "sgd":
         return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}, and the update"
-    if v.name == "compiled_backprop":
-        return "1 forward + 1 backward, compiled"
-    if v.name == "compiled_jvp":
-        return f"{v.k} compiled forward-mode pass{'es' if v.k > 1 else ''}, 1 tangent each"
-    if v.name == "compiled_fg":
-        return f"1 forward-mode pass, {v.k} tangent{'s' if v.k > 1 else ''}, compiled where dynamo can trace"
+    if v.name in COMPILED:
+        return COMPILED[v.name][1].format(k=v.k, es="es" if v.k > 1 else "", s="s" if v.k > 1 else "")
     if v.name == "guess":  # each block's guess is its local-loss gradient, then one pass projects onto them
         return "1 forward + a backward inside each block, then 1 forward-mode pass"
     per_example = " per example and layer output" if v.name == "fga" else ""
