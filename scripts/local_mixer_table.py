@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -33,7 +34,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 #: Table 3's row order and names (Ren et al. 2023), then the methods this project adds.
 METHODS = {"bp": "BP", "l_bp": "L-BP", "lg_bp": "LG-BP", "fg_w": "FG-W", "fg_a": "FG-A", "lg_fg_w": "LG-FG-W",
-           "lg_fg_a": "LG-FG-A", "lg_fg_a_k16": "LG-FG-A, k = 16", "guess": "guesses (Fournier)", "lg_zo": "LG-ZO"}
+           "lg_fg_a": "LG-FG-A", "lg_fg_a_k16": "LG-FG-A, k = 16", "lg_fg_a_k32": "LG-FG-A, k = 32",
+           "guess": "guesses (Fournier)", "lg_zo": "LG-ZO"}
 Run = Dict[str, object]
 
 
@@ -48,10 +50,10 @@ def read_run(run_dir: Path) -> Optional[Run]:
     train_acc = metrics.get("final_train_accuracy")
     if train_acc is None and (run_dir / "model.pt").is_file():  # a run from before metrics.json recorded it
         train_acc = train_accuracy_of(run_dir)
-    method = experiment.split("/")[1]
-    k = int(cfg.gradient.get("num_tangents", 1))
-    if k != 1 and not method.endswith(f"_k{k}"):  # a recipe run with more tangents given on the command line
-        method = f"{method}_k{k}"
+    # the method as run: a recipe given other tangents or another aggregation on the command line is its own row
+    k, aggregation = int(cfg.gradient.get("num_tangents", 1)), str(cfg.gradient.get("aggregation", "mean"))
+    method = re.sub(r"_k\d+$", "", experiment.split("/")[1]) + (f"_k{k}" if k != 1 else "")
+    method += "" if aggregation == "mean" else f"_{aggregation}"
     return {"dataset": experiment.split("/")[0][len("local_mixer_"):], "method": method,
             "size": str(cfg.local_mixer.size), "lr": float(cfg.optimization.learning_rate), "seed": int(cfg.seed),
             "epochs": int(cfg.optimization.epochs), "test_err": 100 * (1 - metrics["final_test_accuracy"]),
@@ -83,6 +85,26 @@ def collect(root: Path) -> List[Run]:
     return [r for r in runs if r is not None]
 
 
+def method_label(method: str) -> str:
+    """A method's row name: Table 3's, or for a variant (``<recipe>[_k<k>][_<aggregation>]``) the recipe's with its
+    tangents and aggregation."""
+    if method in METHODS:
+        return METHODS[method]
+    m = re.fullmatch(r"(.*?)(?:_k(\d+))?(?:_(projection|sum))?", method)
+    base, k, aggregation = m.groups() if m else (method, None, None)
+    return METHODS.get(base, base) + (f", k = {k}" if k else "") + (f", {aggregation}" if aggregation else "")
+
+
+def method_order(methods: List[str]) -> List[str]:
+    """Table 3's order, then the variants of each method right after it, then anything else by name."""
+    def base(m: str) -> str:  # the recipe a variant comes from: with its k if that is a recipe, else without
+        m = re.sub(r"_(projection|sum)$", "", m)
+        return m if m in METHODS else re.sub(r"_k\d+$", "", m)
+
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return sorted(methods, key=lambda m: (rank.get(m, rank.get(base(m), len(rank))), m not in METHODS, m))
+
+
 def _mean_sd(values: List[float]) -> str:
     if not values:
         return "-"
@@ -98,14 +120,14 @@ def sweep_table(runs: List[Run]) -> str:
     for r in runs:
         cells[(r["dataset"], r["method"], r["size"])].append(r)
     lines = ["| dataset | method | size | lr: final train loss (test err %) | chosen lr |", "|---|---|---|---|---|"]
-    for (dataset, method, size), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1])
-                                                                               if kv[0][1] in METHODS else 99, kv[0][2])):
+    order = method_order(sorted({m for _, m, _ in cells}))
+    for (dataset, method, size), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]), kv[0][2])):
         rs = sorted(rs, key=lambda r: r["lr"])
         finite = [r for r in rs if r["train_loss"] is not None and math.isfinite(r["train_loss"])]
         best = min(finite, key=lambda r: r["train_loss"]) if finite else None
         cols = ", ".join(f"{r['lr']:g}: {r['train_loss']:.4f} ({r['test_err']:.2f})" if r in finite else
                          f"{r['lr']:g}: {r['stopped']}" for r in rs)
-        lines.append(f"| {dataset} | {METHODS.get(method, method)} | {size} | {cols} | "
+        lines.append(f"| {dataset} | {method_label(method)} | {size} | {cols} | "
                      f"{best['lr']:g} |" if best else f"| {dataset} | {method} | {size} | {cols} | - |")
     return "\n".join(lines)
 
@@ -121,8 +143,8 @@ def results_table(runs: List[Run]) -> str:
         out.append("| method | " + " | ".join(f"{s}: test err % | {s}: train err % | {s}: seeds, epochs"
                                                 for s in sizes) + " |")
         out.append("|---|" + "---|---|---|" * len(sizes))
-        for method in [m for m in METHODS if any(r["method"] == m for r in rs)]:
-            row = [METHODS[method]]
+        for method in method_order(sorted({str(r["method"]) for r in rs})):  # every method run, none left out
+            row = [method_label(method)]
             for s in sizes:
                 cell = [r for r in rs if r["method"] == method and r["size"] == s]
                 test = [float(r["test_err"]) for r in cell]

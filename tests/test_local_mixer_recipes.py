@@ -20,8 +20,10 @@ from mnist_helpers import CONFIGS, TINY, compose_cfg
 EXPECTED = {"bp": ("Backprop", False, True), "l_bp": ("Backprop", True, False), "lg_bp": ("Backprop", True, True),
             "fg_w": ("ForwardGradient", False, True), "fg_a": ("ForwardActivity", False, True),
             "lg_fg_w": ("ForwardGradient", True, True), "lg_fg_a": ("ForwardActivity", True, True),
-            "lg_fg_a_k16": ("ForwardActivity", True, True), "guess": ("LocalGuess", True, True),
-            "lg_zo": ("ZerothOrder", True, True)}
+            "lg_fg_a_k16": ("ForwardActivity", True, True), "lg_fg_a_k32": ("ForwardActivity", True, True),
+            "guess": ("LocalGuess", True, True), "lg_zo": ("ZerothOrder", True, True)}
+#: the methods run on MNIST only / Fashion-MNIST only
+FASHION_ONLY = {"lg_fg_a_k32"}
 SIZES = {"local_mixer_mnist": {"S": (1, 0, 256, 1), "M": (1, 0, 512, 16)},
          "local_mixer_fashion": {"M": (1, 0, 512, 16), "P": (4, 4, 64, 16)}}
 RECIPES = [(d.name, p.stem) for d in sorted((CONFIGS / "experiment").glob("local_mixer_*")) for p in
@@ -30,7 +32,7 @@ RECIPES = [(d.name, p.stem) for d in sorted((CONFIGS / "experiment").glob("local
 
 def test_every_recipe_file_is_a_known_method():
     assert {m for _, m in RECIPES} <= set(EXPECTED)
-    assert {m for d, m in RECIPES if d == "local_mixer_mnist"} == set(EXPECTED)
+    assert {m for d, m in RECIPES if d == "local_mixer_mnist"} == set(EXPECTED) - FASHION_ONLY
     assert {m for d, m in RECIPES if d == "local_mixer_fashion"} >= {"bp", "lg_bp", "fg_a", "lg_fg_a", "lg_fg_a_k16"}
 
 
@@ -44,7 +46,7 @@ def test_recipe_composes_into_its_method_at_every_size(folder: str, method: str)
         cfg = compose_cfg(script, [f"+experiment={folder}/{method}", f"local_mixer.size={size}"])
         est = instantiate(cfg.gradient)
         assert type(est).__name__ == estimator
-        assert getattr(est, "num_tangents", 1) == (16 if method.endswith("_k16") else 1)
+        assert getattr(est, "num_tangents", 1) == (int(method.rsplit("_k", 1)[1]) if "_k" in method else 1)
         model = instantiate(cfg.model, input_shape=[1, 28, 28], num_classes=10, _convert_="all")
         assert isinstance(model, LocalMixer) and (model.local_losses, model.local_detach) == (local, detach)
         assert (len(model.blocks), model.patch_size % 28, model.channels, model.groups) == (
@@ -57,12 +59,14 @@ def test_recipe_composes_into_its_method_at_every_size(folder: str, method: str)
 def test_a_recipe_trains_on_digits_and_the_table_reads_it(method: str, tmp_path: Path):
     # digits are 8x8: the patch variant cuts them into 4 patches of 4x4 (P); a few steps, tiny channels
     runs = tmp_path / "runs"
-    for seed in (0, 1):
+    # two seeds of the recipe; for LG-FG-A also a variant given on the command line, which is a row of its own
+    variant = ["gradient.num_tangents=2", "gradient.aggregation=projection"] if method == "lg_fg_a" else []
+    for seed, extra in [(0, []), (1, []), *([(2, variant)] if variant else [])]:
         run = runs / f"{method}_{seed}"
         overrides = [f"+experiment=local_mixer_fashion/{method}" if method in ("lg_bp", "lg_fg_a")
                      else f"+experiment=local_mixer_mnist/{method}", *TINY, f"seed={seed}",
                      "local_mixer.size=P" if method in ("lg_bp", "lg_fg_a") else "local_mixer.size=M",
-                     "model.channels=16", "model.groups=4", "optimization.max_steps=4"]
+                     "model.channels=16", "model.groups=4", "optimization.max_steps=4", *extra]
         cfg = compose_cfg("mnist_fwdgrad", overrides)
         m = train(cfg, run)
         assert m["stopped"] == "max_steps" and 0 <= m["final_train_accuracy"] <= 1
@@ -73,7 +77,10 @@ def test_a_recipe_trains_on_digits_and_the_table_reads_it(method: str, tmp_path:
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     rows = table.collect(runs)
-    assert len(rows) == 2 and {r["method"] for r in rows} == {method}
+    assert sorted(r["method"] for r in rows) == [method, method] + ([f"{method}_k2_projection"] if variant else [])
+    if variant:
+        assert "| LG-FG-A, k = 2, projection | " in table.results_table(rows)  # not left out of the table
+        rows = [r for r in rows if r["method"] == method]
     # a run from before metrics.json recorded the training accuracy: recomputed from model.pt, the same number
     path = runs / f"{method}_0" / "metrics.json"
     recorded = json.loads(path.read_text())
