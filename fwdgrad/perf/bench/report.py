@@ -93,6 +93,8 @@ TARGETS = [
     ("structured k=1, batch 1024: fg/bp <= 0.6", 1024, "fg rank1 k=1", 0.6),
     ("structured k=1, batch 64: fg/bp <= 0.75", 64, "fg rank1 k=1", 0.75),
     ("activity perturbation (FG-A) k=1, batch 1024: fg/bp <= 1.1", 1024, "fga normal k=1", 1.1),
+    ("activity perturbation (FG-A) k=1, counter_normal tangents, batch 1024: fg/bp <= 1.1", 1024,
+     "fga counter_normal k=1", 1.1),
     ("local-loss FG-A (LG-FG-A) k=1, batch 1024: fg/bp <= 1.0", 1024, "local fga normal k=1", 1.0),
 ]
 #: Peers: fwdgrad's whole SGD step at least this many times faster than theirs, by k (k not listed: the last).

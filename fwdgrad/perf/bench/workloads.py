@@ -179,6 +179,8 @@ def variants(ks: Sequence[int], dists: Sequence[str], func_ks: Sequence[int],
     out += [Variant("fga", "normal", 1), Variant("backprop", local=True), Variant("fg", "normal", 1, "auto", local=True),
             Variant("fga", "normal", 1, local=True), Variant("fga", "normal", 1, local=True, groups=16),
             Variant("guess", local=True)]
+    if "counter_normal" in dists:  # FG-A's per-example activity tangents drawn by the counter-based kernel
+        out += [Variant("fga", "counter_normal", 1), Variant("fga", "counter_normal", 1, local=True)]
     return out + [Variant("zo", "normal", k) for k in zo_ks]
 
 
