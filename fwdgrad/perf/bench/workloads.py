@@ -56,10 +56,8 @@ class Variant:
         prefix = ("local " if self.local else "") + (f"{self.groups}-group " if self.groups > 1 else "")
         if self.name in ("fga", "zo"):
             return f"{prefix}{self.name} {self.distribution} k={self.k}"
-        if self.name == "sgd":
-            return f"fwdgrad fg {self.distribution} k={self.k}, SGD step"
         if self.name in PEERS:
-            return f"{PEERS[self.name]} k={self.k}, SGD step"
+            return f"{PEERS[self.name].format(distribution=self.distribution)} k={self.k}, SGD step"
         if self.name in COMPILED:
             return COMPILED[self.name][0].format(k=self.k)
         if self.name != "fg":
@@ -70,10 +68,11 @@ class Variant:
         return prefix + f"fg {self.distribution} k={self.k}" + backend.get(self.backend, suffix)
 
 
-#: The whole-step rows that compare fwdgrad with its peers: fwdgrad's dense normal forward gradient and SGD,
-#: torchzero's ForwardGradient module (one forward-mode pass per tangent) with its LR module, and a Python loop of
-#: k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog compute a forward gradient).
-PEERS = {"sgd": "fwdgrad fg normal", "torchzero": "torchzero ForwardGradient", "jvp_loop": "torch.func.jvp loop"}
+#: The whole-step rows that compare fwdgrad with its peers: fwdgrad's dense forward gradient (normal or
+#: counter_normal tangents) and SGD, torchzero's ForwardGradient module (one forward-mode pass per tangent) with its
+#: LR module, and a Python loop of k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog compute a forward gradient).
+PEERS = {"sgd": "fwdgrad fg {distribution}", "torchzero": "torchzero ForwardGradient",
+         "jvp_loop": "torch.func.jvp loop"}
 PEER_LR = 1e-5  # small: many timed steps must not make the model diverge
 #: The torch.compile rows (``--compiled-ks``): name -> (label, what one step runs), formatted with k and plurals.
 COMPILED = {
@@ -190,6 +189,19 @@ def peer_variants(ks: Sequence[int]) -> List[Variant]:
     return [Variant(name, "normal", k) for k in ks for name in PEERS] + [Variant("sgd", "counter_normal", k) for k in ks]
 
 
+def _functional_loss(model: nn.Module, x: torch.Tensor,
+                     y: torch.Tensor) -> Callable[[Dict[str, torch.Tensor]], torch.Tensor]:
+    """The mean cross-entropy of ``model`` on ``(x, y)`` as a function of its parameters (for torch.func.jvp)."""
+    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+    return loss_fn
+
+
+def _normal_tangent(params: Dict[str, torch.Tensor], gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """One N(0, I) tangent per parameter tensor, drawn from ``gen`` (the jvp rows' eager draw)."""
+    return {n: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for n, p in params.items()}
+
+
 def compiled_variants(ks: Sequence[int]) -> List[Variant]:
     """The torch.compile rows (MLP; none unless asked, ``--compiled-ks``): a compiled backprop step, and for each k
     a compiled ``torch.func.jvp`` forward-gradient step and fwdgrad's own step under ``torch.compile``, so that a
@@ -220,16 +232,13 @@ def _compiled_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tenso
         return backprop_step
     params = {n: p.detach() for n, p in model.named_parameters()}
     gen = torch.Generator(device=x.device).manual_seed(0)
-
-    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return cross_entropy(torch.func.functional_call(model, p, (x,)), y)
-
+    loss_fn = _functional_loss(model, x, y)
     jvp = torch.compile(lambda p, t: torch.func.jvp(loss_fn, (p,), (t,)))
 
     def jvp_step() -> None:
         grads = {n: torch.zeros_like(p) for n, p in params.items()} if v.k > 1 else {}
         for _ in range(v.k):
-            tangent = {n: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for n, p in params.items()}
+            tangent = _normal_tangent(params, gen)
             _, d = jvp(params, tangent)
             for n, t in tangent.items():
                 if v.k == 1:
@@ -269,15 +278,13 @@ def _peer_step(v: Variant, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 
         return lambda: tz_opt.step(closure)
     gen = torch.Generator(device=x.device).manual_seed(0)
-
-    def loss_fn(p: Dict[str, torch.Tensor]) -> torch.Tensor:
-        return cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+    loss_fn = _functional_loss(model, x, y)
 
     def jvp_loop() -> None:  # g = (1/k) sum_i <grad f, v_i> v_i, one jvp per tangent, then p -= lr g
         params = {n: p.detach() for n, p in model.named_parameters()}
         grad = {n: torch.zeros_like(p) for n, p in params.items()}
         for _ in range(v.k):
-            tangent = {n: torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for n, p in params.items()}
+            tangent = _normal_tangent(params, gen)
             _, d = torch.func.jvp(loss_fn, (params,), (tangent,))
             for n in grad:
                 grad[n].add_(tangent[n] * d / v.k)
