@@ -70,7 +70,8 @@ class Variant:
 
 #: The whole-step rows that compare fwdgrad with its peers: fwdgrad's dense forward gradient (normal or
 #: counter_normal tangents) and SGD, torchzero's ForwardGradient module (one forward-mode pass per tangent) with its
-#: LR module, and a Python loop of k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog compute a forward gradient).
+#: LR module, and a Python loop of k torch.func.jvp calls with an in-place update (the way orobix/fwdgrad and frog
+#: compute a forward gradient).
 PEERS = {"sgd": "fwdgrad fg {distribution}", "torchzero": "torchzero ForwardGradient",
          "jvp_loop": "torch.func.jvp loop"}
 PEER_LR = 1e-5  # small: many timed steps must not make the model diverge
