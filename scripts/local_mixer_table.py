@@ -32,6 +32,8 @@ import json  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from fwdgrad.estimators import AGGREGATIONS  # noqa: E402
+
 #: Table 3's row order and names (Ren et al. 2023), then the methods this project adds.
 METHODS = {"bp": "BP", "l_bp": "L-BP", "lg_bp": "LG-BP", "fg_w": "FG-W", "fg_a": "FG-A", "lg_fg_w": "LG-FG-W",
            "lg_fg_a": "LG-FG-A", "lg_fg_a_k16": "LG-FG-A, k = 16", "lg_fg_a_k32": "LG-FG-A, k = 32",
@@ -85,21 +87,31 @@ def collect(root: Path) -> List[Run]:
     return [r for r in runs if r is not None]
 
 
+def _split(method: str) -> Tuple[str, Optional[str]]:
+    """``(recipe with its k, aggregation or None)`` of a method key ``<recipe>[_k<k>][_<aggregation>]`` (the
+    aggregation is any registered one but the mean, matched longest first: names hold underscores)."""
+    for aggregation in sorted(AGGREGATIONS, key=len, reverse=True):
+        if aggregation != "mean" and method.endswith(f"_{aggregation}"):
+            return method[: -len(aggregation) - 1], aggregation
+    return method, None
+
+
 def method_label(method: str) -> str:
     """A method's row name: Table 3's, or for a variant (``<recipe>[_k<k>][_<aggregation>]``) the recipe's with its
     tangents and aggregation."""
     if method in METHODS:
         return METHODS[method]
-    m = re.fullmatch(r"(.*?)(?:_k(\d+))?(?:_(projection|sum))?", method)
-    base, k, aggregation = m.groups() if m else (method, None, None)
-    return METHODS.get(base, base) + (f", k = {k}" if k else "") + (f", {aggregation}" if aggregation else "")
+    rest, aggregation = _split(method)
+    m = re.fullmatch(r"(.*?)(?:_k(\d+))?", rest) if rest not in METHODS else None
+    label = METHODS[rest] if m is None else METHODS.get(m[1], m[1]) + (f", k = {m[2]}" if m[2] else "")
+    return label + (f", {aggregation}" if aggregation else "")
 
 
 def method_order(methods: List[str]) -> List[str]:
     """Table 3's order, then the variants of each method right after it, then anything else by name."""
     def base(m: str) -> str:  # the recipe a variant comes from: with its k if that is a recipe, else without
-        m = re.sub(r"_(projection|sum)$", "", m)
-        return m if m in METHODS else re.sub(r"_k\d+$", "", m)
+        rest = _split(m)[0]
+        return rest if rest in METHODS else re.sub(r"_k\d+$", "", rest)
 
     rank = {m: i for i, m in enumerate(METHODS)}
     return sorted(methods, key=lambda m: (rank.get(m, rank.get(base(m), len(rank))), m not in METHODS, m))
