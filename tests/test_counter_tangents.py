@@ -10,6 +10,7 @@ has standard error 1/sqrt(n), the variance sqrt(2/n), the fourth moment sqrt((10
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -119,12 +120,9 @@ def test_a_failing_or_wrong_compiled_kernel_falls_back_to_the_eager_formula_with
     with pytest.warns(RuntimeWarning, match="disagrees with the eager formula"):
         got = _filled(1000, 3, dist=wrong)
     torch.testing.assert_close(got, _eager(1000, 3))
-    with torch.no_grad():  # from then on the eager formula, without a new warning
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            torch.testing.assert_close(_filled(1000, 4, dist=wrong), _eager(1000, 4))
+    with warnings.catch_warnings():  # from then on the eager formula, without a new warning
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_filled(1000, 4, dist=wrong), _eager(1000, 4))
 
 
 def test_chunks_of_any_size_follow_the_same_formula_and_bad_sizes_are_refused():
